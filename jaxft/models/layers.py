@@ -1,0 +1,93 @@
+"""The few layers whose PyTorch semantics Flax does not provide.
+
+* ``BatchNorm``: torch's running-variance rule (the running variance is updated with the
+  *unbiased* batch variance while the batch is normalised with the biased one), torch's
+  momentum convention, and a per-layer switch to normalise with running statistics while
+  training (the ``running`` policy for frozen layers).
+* ``adaptive_avg_pool``: ``nn.AdaptiveAvgPool2d`` for any input size, bins included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Matches torch.nn.BatchNorm2d defaults.
+BN_EPS = 1e-5
+BN_TORCH_MOMENTUM = 0.1
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d over the last (channel) axis of an NHWC tensor, with torch semantics.
+
+    A layer whose path (``layer1_0/bn1``) is in ``frozen_paths`` normalises with its
+    running statistics and leaves them untouched even when ``train=True``: the
+    ``running`` policy for frozen layers. Statistics are always computed in float32.
+    """
+
+    epsilon: float = BN_EPS
+    momentum: float = BN_TORCH_MOMENTUM  # torch convention: weight of the *new* batch
+    dtype: Dtype = jnp.float32
+    frozen_paths: frozenset = frozenset()
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+
+        x32 = x.astype(jnp.float32)
+        if train and "/".join(self.path) not in self.frozen_paths:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased, used to normalise
+            if not self.is_initializing():
+                count = math.prod(x.shape[:-1])
+                unbiased = var * (count / max(count - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+
+        inv = scale * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
+        y = x32 * inv + (bias - mean * inv)
+        return y.astype(self.dtype)
+
+
+def _bin_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Row i averages input cells floor(i*in/out) .. ceil((i+1)*in/out) - 1, as torch does."""
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+    """``nn.AdaptiveAvgPool2d(output_size)`` for NHWC input of any spatial size.
+
+    Written as two small averaging matrices so bins that overlap or repeat (inputs
+    smaller than the output) are handled exactly like torch; identity sizes are skipped.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:  # equal, disjoint bins: a plain reshape-mean
+        n, _, _, c = x.shape
+        return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+    mh = jnp.asarray(_bin_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_bin_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,nhwc,jw->nijc", mh, x, mw)
