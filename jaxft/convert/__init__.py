@@ -250,7 +250,8 @@ def variables_to_state_dict(model: nn.Module, variables: Variables) -> "OrderedD
     state_dict: OrderedDict[str, np.ndarray] = OrderedDict()
     for collection, path in layout:
         array = np.asarray(jax.device_get(flat[collection][path]), dtype=np.float32)
-        state_dict[flax_leaf_to_torch(path)] = np.ascontiguousarray(_flax_to_torch_value(model, path, array))
+        # a fresh, writable copy: torch.from_numpy shares memory and warns on read-only arrays
+        state_dict[flax_leaf_to_torch(path)] = np.array(_flax_to_torch_value(model, path, array), order="C")
         if path[-1] == "var":  # running_var is a BatchNorm's last buffer in torch's order
             state_dict[f"{torch_module_name(path[:-1])}.num_batches_tracked"] = np.zeros((), np.int64)
     return state_dict

@@ -1,0 +1,99 @@
+"""Saving and loading Flax variables with their metadata.
+
+Three formats: an orbax checkpoint directory (the default, what JAX tooling expects),
+a single msgpack file (``flax.serialization``) and a safetensors file with Flax paths as
+keys (``params/layer1_0/conv1/kernel``). Each carries a small JSON header naming the arch,
+the class count, the class names and the preprocessing, so a file is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import serialization, traverse_util
+
+FORMAT_TAG = "jaxft-variables"
+FORMATS = ("orbax", "msgpack", "safetensors")
+
+
+class CheckpointError(ValueError):
+    """A file or directory that is not a readable jaxft variables checkpoint."""
+
+
+def format_for(path: Path, requested: str | None = None) -> str:
+    if requested:
+        return requested
+    if path.suffix == ".msgpack":
+        return "msgpack"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    return "orbax"
+
+
+def _to_numpy(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
+
+
+def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping[str, Any],
+                   fmt: str | None = None) -> Path:
+    """Write ``variables`` and ``meta`` to ``path`` in ``fmt`` (guessed from the suffix)."""
+    path = Path(path).resolve()
+    fmt = format_for(path, fmt)
+    header = {"format": FORMAT_TAG, "version": 1, **meta}
+    if fmt == "msgpack":
+        path.write_bytes(serialization.msgpack_serialize({"meta": json.dumps(header), "variables": _to_numpy(variables)}))
+    elif fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        flat = traverse_util.flatten_dict(_to_numpy(variables), sep="/")
+        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path), metadata={"jaxft": json.dumps(header)})
+    elif fmt == "orbax":
+        import orbax.checkpoint as ocp
+
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
+                                                meta=ocp.args.JsonSave(header)))
+    else:
+        raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return path
+
+
+def _check_header(header: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(header, dict) or header.get("format") != FORMAT_TAG:
+        raise CheckpointError(f"{path} is not a jaxft variables checkpoint (no '{FORMAT_TAG}' header)")
+    return header
+
+
+def load_variables(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(variables, meta)`` from a file or directory written by :func:`save_variables`."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    fmt = format_for(path) if path.is_file() else "orbax"
+    try:
+        if fmt == "msgpack":
+            payload = serialization.msgpack_restore(path.read_bytes())
+            return payload["variables"], _check_header(json.loads(payload["meta"]), path)
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                header = _check_header(json.loads((f.metadata() or {}).get("jaxft", "null")), path)
+                flat = {k: f.get_tensor(k) for k in f.keys()}
+            return traverse_util.unflatten_dict(flat, sep="/"), header
+        import orbax.checkpoint as ocp
+
+        if not (path / "variables").is_dir() or not (path / "meta").exists():
+            raise CheckpointError(f"{path} is not a jaxft orbax checkpoint (expected 'variables' and 'meta' inside)")
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            restored = ckptr.restore(path, ocp.args.Composite(variables=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+        return dict(restored["variables"]), _check_header(restored["meta"], path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        raise CheckpointError(f"{path} could not be read as a jaxft {fmt} checkpoint: {exc}") from exc

@@ -1,0 +1,77 @@
+"""A pretrained torchvision checkpoint, ready for a new task: same arch, new head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft.convert import (count_params, infer_num_classes, state_dict_to_variables, strip_prefix,
+                           torch_module_name, variables_to_state_dict)
+from jaxft.models import check_arch, create_model
+from jaxft.weights import WeightsMeta, imagenet_categories, resolve_state_dict
+
+NO_WEIGHTS = (None, "none", "random", "scratch")
+
+
+@dataclass
+class PretrainedInfo:
+    """What ``load_pretrained`` did: where weights came from and which keys it replaced."""
+
+    arch: str
+    num_classes: int
+    meta: WeightsMeta
+    replaced_keys: list[str] = field(default_factory=list)
+    param_count: int = 0
+
+    @property
+    def categories(self) -> Optional[list[str]]:
+        return self.meta.categories
+
+
+def init_variables(model: nn.Module, seed: int = 0, image_size: int = 32) -> dict[str, Any]:
+    """Fresh variables initialised the way torchvision initialises the same model."""
+    return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+
+def load_pretrained(
+    arch: str,
+    weights: Any = "imagenet",
+    num_classes: Optional[int] = None,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any], PretrainedInfo]:
+    """Model, variables and info for fine-tuning ``arch`` on ``num_classes`` classes.
+
+    The backbone comes from ``weights`` (see :func:`jaxft.weights.resolve_state_dict`;
+    ``None``/``"none"`` means random init). When ``num_classes`` differs from the checkpoint's,
+    the classifier is freshly initialised like torchvision does and ``info.replaced_keys``
+    names the torch keys that were replaced.
+    """
+    check_arch(arch)
+    if weights in NO_WEIGHTS:
+        model = create_model(arch, num_classes=num_classes or 1000, **model_kwargs)
+        variables = init_variables(model, seed)
+        meta = WeightsMeta(source="random init", categories=imagenet_categories() if model.num_classes == 1000
+                           and num_classes is None else None)
+        return model, variables, PretrainedInfo(arch, model.num_classes, meta, [], count_params(variables))
+
+    state_dict, meta = resolve_state_dict(arch, weights)
+    state_dict = strip_prefix(state_dict)
+    source_classes = infer_num_classes(arch, state_dict)
+    num_classes = num_classes or source_classes or 1000
+    model = create_model(arch, num_classes=num_classes, **model_kwargs)
+    replaced: list[str] = []
+    if source_classes is not None and source_classes != num_classes:
+        fresh = variables_to_state_dict(model, init_variables(model, seed))
+        head = torch_module_name((model.head_name,)) + "."
+        replaced = [k for k in fresh if k.startswith(head)]
+        state_dict = {**state_dict, **{k: fresh[k] for k in replaced}}
+        meta.categories = None  # the new head's classes are the dataset's, not the checkpoint's
+    elif meta.categories is None and num_classes == 1000:
+        meta.categories = imagenet_categories()
+    variables = state_dict_to_variables(model, state_dict, arch)
+    return model, variables, PretrainedInfo(arch, num_classes, meta, replaced, count_params(variables))

@@ -1,0 +1,166 @@
+"""Flax models against real torchvision models: logits, train-mode BatchNorm, gradients, round trip."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import nchw_to_nhwc, rel_l2, torch_reference
+from jaxft import ARCHS, create_model, from_torch, to_torch
+from jaxft.convert import variables_to_state_dict
+from jaxft.models.layers import adaptive_avg_pool
+
+LOGIT_TOL = 1e-5
+GRAD_TOL = 1e-4
+ALL_SIZES = [(224, 224), (197, 231), (32, 32), (64, 64), (250, 250)]
+SMALL_ARCHS = ["resnet18", "resnet34", "vgg11", "vgg11_bn"]
+# The large archs at one or two sizes keep CI fast; 224 is where they are used.
+LARGE_SIZES = {
+    "resnet50": [(224, 224), (197, 231)],
+    "resnet101": [(64, 64)],
+    "resnet152": [(64, 64)],
+    "resnext50_32x4d": [(97, 64)],
+    "resnext101_32x8d": [(32, 32)],
+    "resnext101_64x4d": [(32, 32)],
+    "wide_resnet50_2": [(64, 64)],
+    "wide_resnet101_2": [(32, 32)],
+    "vgg13": [(64, 64)],
+    "vgg13_bn": [(64, 64)],
+    "vgg16": [(224, 224), (250, 250)],
+    "vgg16_bn": [(224, 224)],
+    "vgg19": [(64, 64)],
+    "vgg19_bn": [(197, 231)],
+}
+assert set(SMALL_ARCHS) | set(LARGE_SIZES) == set(ARCHS), "every arch needs a parity case"
+
+
+def _eval_cases():
+    for arch in SMALL_ARCHS:
+        yield arch, ALL_SIZES
+    yield from LARGE_SIZES.items()
+
+
+@pytest.mark.parametrize("arch,sizes", list(_eval_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_eval_logits_and_round_trip(arch, sizes):
+    torch_model = torch_reference(arch, num_classes=10)
+    state_dict = torch_model.state_dict()
+    variables = from_torch(arch, state_dict)
+    model = create_model(arch, num_classes=10)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    gen = torch.Generator().manual_seed(1)
+    for h, w in sizes:
+        x = torch.randn(2, 3, h, w, generator=gen)
+        with torch.no_grad():
+            expected = torch_model(x).numpy()
+        got = np.asarray(apply(variables, nchw_to_nhwc(x)))
+        assert got.shape == expected.shape
+        assert rel_l2(got, expected) <= LOGIT_TOL, f"{arch} at {h}x{w}: {rel_l2(got, expected):.2e}"
+
+    # torch -> Flax -> torch is bit-exact, in torchvision's key order, and strict-loadable.
+    exported = to_torch(arch, variables)
+    assert list(exported) == list(state_dict)
+    for key, value in state_dict.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(exported[key], value), key
+    torchvision.models.get_model(arch, weights=None, num_classes=10).load_state_dict(exported, strict=True)
+
+
+def _train_forward(arch: str, torch_model: torch.nn.Module, x: torch.Tensor, **kwargs):
+    """JAX train-mode logits and torch-layout updated state_dict, from torch_model's weights."""
+    variables = from_torch(arch, torch_model.state_dict())
+    model = create_model(arch, num_classes=5, **kwargs)
+    logits, updates = model.apply(variables, nchw_to_nhwc(x), train=True, mutable=["batch_stats"])
+    return np.asarray(logits), variables_to_state_dict(model, {"params": variables["params"], **updates})
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_train_mode_forward_and_running_stats(arch):
+    kwargs = {"dropout": 0.0} if arch.startswith("vgg") else {}
+    torch_model = torch_reference(arch, num_classes=5, **kwargs)
+    x = torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    got, updated = _train_forward(arch, torch_model, x, **kwargs)
+
+    torch_model.train()  # batch statistics, momentum 0.1, unbiased running variance
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    assert rel_l2(got, expected) <= LOGIT_TOL
+    for key, value in torch_model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            assert rel_l2(updated[key], value.numpy()) <= LOGIT_TOL, key
+
+
+def test_train_mode_resnet50_is_as_close_to_float64_as_torch():
+    """Batch statistics over few values (4 x 2 x 2 at layer4) make a 50-layer train-mode pass
+    ill-conditioned: torch's own float32 result is ~2.5e-5 from float64 here. So the reference is
+    torch in float64, and JAX must be within 1e-5 of it, or within twice torch float32's own error."""
+    torch_model = torch_reference("resnet50", num_classes=5)
+    x = torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    got, updated = _train_forward("resnet50", torch_model, x)
+
+    reference64 = torch_model.double().train()
+    torch32 = torch_reference("resnet50", num_classes=5).train()
+    with torch.no_grad():
+        expected = reference64(x.double()).numpy()
+        torch_logits = torch32(x).numpy()
+    assert rel_l2(got, expected) <= max(LOGIT_TOL, 2 * rel_l2(torch_logits, expected))
+    torch32_stats = torch32.state_dict()
+    for key, value in reference64.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch_error = rel_l2(torch32_stats[key].numpy(), value.numpy())
+            assert rel_l2(updated[key], value.numpy()) <= max(LOGIT_TOL, 2 * torch_error), key
+
+
+# Train mode runs at 128 px: with fewer values per batch statistic (64 px leaves 2x2 maps at
+# layer4) BatchNorm-bias gradients are sums that nearly cancel, and torch float32 and JAX each
+# stray up to 1e-3 from a float64 reference on some of them (measured; see docs/parity.md).
+@pytest.mark.parametrize("arch,train,size", [("resnet18", True, 128), ("resnet18", False, 64), ("vgg11", False, 64)])
+def test_gradients_match_torch_for_every_parameter(arch, train, size):
+    torch_model = torch_reference(arch, num_classes=6)
+    torch_model.train(train)
+    variables = from_torch(arch, torch_model.state_dict())
+    model = create_model(arch, num_classes=6)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, size, size, generator=gen)
+    y = torch.randint(0, 6, (4,), generator=gen)
+
+    torch.nn.functional.cross_entropy(torch_model(x), y).backward()
+
+    def loss_fn(params):
+        logits = model.apply({**variables, "params": params}, nchw_to_nhwc(x),
+                             train=train, mutable=["batch_stats"] if train else False)
+        logits = logits[0] if train else logits
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y.numpy())[:, None], 1))
+
+    grads = jax.grad(loss_fn)(variables["params"])
+    grads_torch_layout = variables_to_state_dict(model, {**variables, "params": grads})
+    checked = 0
+    for name, param in torch_model.named_parameters():
+        assert rel_l2(grads_torch_layout[name], param.grad.numpy()) <= GRAD_TOL, name
+        checked += 1
+    assert checked == len(list(torch_model.parameters()))
+
+
+@pytest.mark.parametrize("size", [(7, 7), (1, 1), (3, 5), (13, 8), (14, 14), (32, 31)])
+def test_adaptive_avg_pool_matches_torch(size):
+    x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(4))
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, (7, 7)).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(adaptive_avg_pool(jnp.asarray(nchw_to_nhwc(x)), (7, 7)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    torch_model = torch_reference("resnet18", num_classes=10)
+    variables = from_torch("resnet18", torch_model.state_dict())
+    model = create_model("resnet18", num_classes=10, dtype=jnp.bfloat16)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    got = model.apply(variables, nchw_to_nhwc(x), train=False)
+    assert got.dtype == jnp.float32  # logits come back in float32 for the loss
+    assert rel_l2(got, expected) < 5e-2  # bfloat16 has an 8-bit mantissa
+    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(fresh)} == {jnp.dtype(jnp.float32)}
