@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,6 +125,15 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
     )
 
 
+def _unreadable(path: Path, exc: Exception) -> WeightsError:
+    # torch's weights_only message advises weights_only=False, wrong advice for garbage bytes:
+    # keep only the unpickler's own reason.
+    reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(exc))
+    detail = reason.group(1) if reason else (str(exc).strip().splitlines() or [""])[0]
+    return WeightsError(f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint "
+                        f"at all): {type(exc).__name__}: {detail[:200]}")
+
+
 def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
     """A state_dict from a ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` file."""
     path = Path(path)
@@ -144,16 +154,18 @@ def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
             raise WeightsError(
-                f"{path} contains pickled Python objects beyond tensors (for example a whole nn.Module), "
+                f"{path} contains pickled Python objects beyond tensors ({refused.group(1)}; for example a whole "
+                f"nn.Module), "
                 f"and loading it could run arbitrary code, so jaxft refuses (torch.load weights_only=True). "
                 f"If you trust the file, re-save only its weights: torch.save(torch.load(path, "
                 f"weights_only=False).state_dict(), 'clean.pth')."
             ) from exc
-        raise WeightsError(f"{path} is not a PyTorch checkpoint ({exc}).") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint; truncated or corrupt? ({exc})") from exc
+        raise _unreadable(path, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler raises anything on garbage bytes
+        raise _unreadable(path, exc) from exc
     return _unwrap(obj, path)
 
 

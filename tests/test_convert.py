@@ -1,0 +1,300 @@
+"""The converter's strictness, weights sources, metadata, head replacement and the convert CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import torch_reference
+from jaxft import ConversionError, UnknownArchError, WeightsError, create_model, from_torch, load_pretrained, to_torch
+from jaxft.checkpoint import CheckpointError, load_variables, save_variables
+from jaxft.weights import cached_weights_path, weights_enum
+
+
+@pytest.fixture(scope="module")
+def resnet18_state_dict():
+    return torch_reference("resnet18", num_classes=10).state_dict()
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory, resnet18_state_dict):
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(resnet18_state_dict, path)
+    return path
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxft.convert", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+# --- strict key and shape checks -------------------------------------------------------------
+
+def test_state_dict_from_another_arch_names_the_likely_arch(resnet18_state_dict):
+    with pytest.raises(ConversionError) as err:
+        from_torch("resnet50", resnet18_state_dict)
+    message = str(err.value)
+    assert "does not fit resnet50" in message and "missing keys" in message
+    assert "looks like a resnet18 state_dict" in message
+
+
+def test_missing_key_is_named(resnet18_state_dict):
+    state_dict = dict(resnet18_state_dict)
+    del state_dict["layer3.1.bn2.running_var"]
+    with pytest.raises(ConversionError, match=r"1 missing keys: layer3\.1\.bn2\.running_var"):
+        from_torch("resnet18", state_dict)
+
+
+def test_unexpected_key_is_named(resnet18_state_dict):
+    state_dict = {**resnet18_state_dict, "layer5.0.conv1.weight": torch.zeros(3, 3, 1, 1)}
+    with pytest.raises(ConversionError, match=r"1 unexpected keys: layer5\.0\.conv1\.weight"):
+        from_torch("resnet18", state_dict)
+
+
+def test_wrong_shape_is_named_with_both_shapes(resnet18_state_dict):
+    state_dict = {**resnet18_state_dict, "layer2.0.conv2.weight": torch.zeros(128, 128, 5, 5)}
+    with pytest.raises(ConversionError, match=r"layer2\.0\.conv2\.weight has shape \(128, 128, 5, 5\), "
+                                              r"the model needs \(128, 128, 3, 3\)"):
+        from_torch("resnet18", state_dict)
+
+
+def test_head_size_mismatch_points_to_load_pretrained(resnet18_state_dict):
+    model = create_model("resnet18", num_classes=3)
+    from jaxft.convert import state_dict_to_variables
+
+    with pytest.raises(ConversionError, match="load_pretrained"):
+        state_dict_to_variables(model, resnet18_state_dict, "resnet18")
+
+
+def test_export_rejects_variables_of_another_model(resnet18_state_dict):
+    variables = from_torch("resnet18", resnet18_state_dict)
+    del variables["batch_stats"]["layer1_0"]["bn1"]["mean"]
+    with pytest.raises(ConversionError, match=r"missing leaves: batch_stats/layer1_0/bn1/mean"):
+        to_torch("resnet18", variables)
+
+
+def test_data_parallel_prefix_is_stripped(resnet18_state_dict):
+    wrapped = {f"module.{k}": v for k, v in resnet18_state_dict.items()}
+    np.testing.assert_array_equal(from_torch("resnet18", wrapped)["params"]["fc"]["bias"],
+                                  resnet18_state_dict["fc.bias"].numpy())
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+def test_sources_module_state_dict_pth_and_safetensors_agree(tmp_path, resnet18_state_dict, resnet18_file):
+    from safetensors.torch import save_file
+
+    module = torchvision.models.resnet18(num_classes=10)
+    module.load_state_dict(resnet18_state_dict)
+    save_file(dict(resnet18_state_dict), tmp_path / "r18.safetensors")
+    reference = from_torch("resnet18", resnet18_state_dict)
+    for source in (module, resnet18_file, str(tmp_path / "r18.safetensors")):
+        converted = from_torch("resnet18", source)
+        assert all(np.array_equal(a, b) for a, b in zip(*map(lambda v: __import__("jax").tree_util.tree_leaves(v),
+                                                               (converted, reference))))
+
+
+def test_training_checkpoint_wrapper_is_unwrapped(tmp_path, resnet18_state_dict):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 3, "state_dict": resnet18_state_dict}, path)
+    assert from_torch("resnet18", path)["params"]["fc"]["kernel"].shape == (512, 10)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "is empty"),
+    (b"hello, I am a text file\n", "not a readable PyTorch checkpoint"),
+])
+def test_non_checkpoint_files(tmp_path, content, match):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=match):
+        from_torch("resnet18", path)
+
+
+def test_truncated_checkpoint(tmp_path, resnet18_file):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(resnet18_file.read_bytes()[: resnet18_file.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint .truncated"):
+        from_torch("resnet18", path)
+
+
+def test_truncated_safetensors(tmp_path, resnet18_state_dict):
+    from safetensors.torch import save_file
+
+    full = tmp_path / "full.safetensors"
+    save_file(dict(resnet18_state_dict), full)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        from_torch("resnet18", cut)
+
+
+def test_pickled_module_is_refused(tmp_path):
+    path = tmp_path / "whole_model.pth"
+    torch.save(torchvision.models.resnet18(), path)
+    with pytest.raises(WeightsError, match="refuses"):
+        from_torch("resnet18", path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        from_torch("resnet18", tmp_path / "nope.pth")
+
+
+def test_unknown_arch_suggests_close_names():
+    with pytest.raises(UnknownArchError, match="Did you mean resnet18"):
+        create_model("resnet19")
+
+
+def test_unknown_weights_name_lists_the_available_ones():
+    with pytest.raises(WeightsError, match=r"IMAGENET1K_V1, IMAGENET1K_V2"):
+        weights_enum("resnet50", "IMAGENET1K_V9")
+
+
+def test_weights_metadata_comes_from_torchvision():
+    weights = weights_enum("resnet50", "imagenet")
+    assert weights.name == "IMAGENET1K_V2"
+    assert weights_enum("resnet50", "ResNet50_Weights.IMAGENET1K_V1").name == "IMAGENET1K_V1"
+    from jaxft.weights import preprocessing_of
+
+    pre = preprocessing_of(weights)
+    assert (pre.resize_size, pre.crop_size) == (232, 224)
+    assert pre.mean == pytest.approx((0.485, 0.456, 0.406)) and pre.interpolation == "bilinear"
+    assert len(weights.meta["categories"]) == 1000
+
+
+def test_imagenet_offline_says_where_to_put_the_file(offline_torch_home):
+    with pytest.raises(WeightsError) as err:
+        from_torch("resnet18", "imagenet")
+    expected = cached_weights_path(weights_enum("resnet18", "imagenet"))
+    assert str(offline_torch_home) in str(expected)
+    assert f"Put the file at {expected}" in str(err.value)
+
+
+def test_cached_imagenet_file_is_used_without_network(offline_torch_home):
+    """A file placed where the offline message says is what the weights name then loads."""
+    weights = weights_enum("resnet18", "imagenet")
+    target = cached_weights_path(weights)
+    target.parent.mkdir(parents=True)
+    state_dict = torch_reference("resnet18").state_dict()
+    torch.save(state_dict, target)
+    model, variables, info = load_pretrained("resnet18", "imagenet")
+    assert info.num_classes == 1000 and info.categories[:2] == ["tench", "goldfish"]
+    assert info.meta.preprocessing.crop_size == 224 and info.replaced_keys == []
+    np.testing.assert_array_equal(to_torch("resnet18", variables)["layer4.1.conv2.weight"],
+                                  state_dict["layer4.1.conv2.weight"])
+
+
+# --- a pretrained backbone for a new task ------------------------------------------------------
+
+@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("vgg11", "classifier.6")])
+def test_new_head_replaces_only_the_classifier(tmp_path, arch, head):
+    source = torch_reference(arch).state_dict()
+    path = tmp_path / f"{arch}.pth"
+    torch.save(source, path)
+    model, variables, info = load_pretrained(arch, path, num_classes=7, seed=1)
+    assert info.replaced_keys == [f"{head}.weight", f"{head}.bias"]
+    assert model.num_classes == 7 and info.categories is None
+    exported = to_torch(arch, variables)
+    for key, value in source.items():
+        if not key.startswith(head + ".") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(exported[key], value), key
+    weight, bias = exported[f"{head}.weight"].numpy(), exported[f"{head}.bias"].numpy()
+    assert weight.shape == (7, source[f"{head}.weight"].shape[1])
+    fan_in = weight.shape[1]
+    if arch == "resnet18":  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(weight).max() <= bound and np.abs(bias).max() <= bound
+        assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    else:  # torchvision VGG: N(0, 0.01) weights, zero bias
+        assert weight.std() == pytest.approx(0.01, rel=0.05) and not bias.any()
+
+
+def test_random_init_when_no_weights():
+    model, variables, info = load_pretrained("resnet18", None, num_classes=4)
+    assert info.meta.source == "random init" and info.num_classes == 4 and info.replaced_keys == []
+    assert info.param_count == sum(p.numel() for p in torchvision.models.resnet18(num_classes=4).parameters())
+
+
+# --- variables files ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ckpt_dir", "vars.msgpack", "vars.safetensors"])
+def test_variables_files_round_trip(tmp_path, resnet18_state_dict, name):
+    variables = from_torch("resnet18", resnet18_state_dict)
+    save_variables(tmp_path / name, variables, {"arch": "resnet18", "num_classes": 10})
+    restored, meta = load_variables(tmp_path / name)
+    assert meta["arch"] == "resnet18" and meta["format"] == "jaxft-variables"
+    flat = lambda v: __import__("flax").traverse_util.flatten_dict(v)  # noqa: E731
+    assert flat(restored).keys() == flat(variables).keys()
+    assert all(np.array_equal(flat(restored)[k], flat(variables)[k]) for k in flat(variables))
+
+
+def test_loading_a_non_jaxft_file_is_a_clear_error(tmp_path, resnet18_file):
+    with pytest.raises(CheckpointError, match="not a jaxft"):
+        load_variables(tmp_path)
+    (tmp_path / "x.msgpack").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_variables(tmp_path / "x.msgpack")
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+def test_cli_round_trip_to_torch_loads_strictly_and_matches(tmp_path, resnet18_file, resnet18_state_dict):
+    out = tmp_path / "r18.msgpack"
+    result = run_cli(resnet18_file, "--arch", "resnet18", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "resnet18, 11,181,642 parameters, 10 classes" in result.stdout
+    assert "relative L2 error" in result.stdout
+
+    back = tmp_path / "back.pth"
+    result = run_cli("--to-torch", out, "--out", back)
+    assert result.returncode == 0, result.stderr
+    exported = torch.load(back, weights_only=True)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(exported, strict=True)
+    for key, value in resnet18_state_dict.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(exported[key], value), key
+
+    # the output exists now: a second run refuses to overwrite it
+    result = run_cli(resnet18_file, "--arch", "resnet18", "--out", out)
+    assert result.returncode == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
+
+
+def _assert_clean_cli_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, resnet18_file, offline_torch_home):
+    import os
+
+    env = {**os.environ, "TORCH_HOME": str(offline_torch_home)}
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(resnet18_file.read_bytes()[:5000])
+    pickled = tmp_path / "module.pth"
+    torch.save(torchvision.models.resnet18(), pickled)
+    _assert_clean_cli_error(run_cli("imagenet", "--arch", "resnet18", "--out", tmp_path / "o", env=env),
+                            "could not download", "Put the file at", str(offline_torch_home))
+    _assert_clean_cli_error(run_cli(truncated, "--arch", "resnet18", "--out", tmp_path / "o"), "cut.pth")
+    _assert_clean_cli_error(run_cli(pickled, "--arch", "resnet18", "--out", tmp_path / "o"), "refuses")
+    _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "vgg11", "--out", tmp_path / "o"), "does not fit vgg11")
+    _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet19"), "invalid choice: 'resnet19'")
+    _assert_clean_cli_error(run_cli("IMAGENET1K_V7", "--arch", "resnet18"), "unknown weights 'IMAGENET1K_V7'")
+    _assert_clean_cli_error(run_cli("--to-torch", resnet18_file), "not a jaxft")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_cli_help_explains_sources_and_directions():
+    result = subprocess.run([sys.executable, "tools/convert_weights.py", "--help"], capture_output=True, text=True,
+                            cwd=__import__("pathlib").Path(__file__).parent.parent)
+    assert result.returncode == 0
+    for needle in ("imagenet", "IMAGENET1K_V2", "--to-torch", "strict=True", "weights_only=True"):
+        assert needle in result.stdout
