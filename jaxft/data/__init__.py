@@ -1,0 +1,1 @@
+"""Data: sources (folder, TFDS, offline built-ins), transforms and the grain pipeline."""
