@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import torch_reference
+from jaxft.parity import torch_reference
 from jaxft import ConversionError, UnknownArchError, WeightsError, create_model, from_torch, load_pretrained, to_torch
 from jaxft.checkpoint import CheckpointError, load_variables, save_variables
 from jaxft.weights import cached_weights_path, weights_enum

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import nchw_to_nhwc, rel_l2, torch_reference
+from jaxft.parity import nchw_to_nhwc, rel_l2, torch_reference
 from jaxft import ARCHS, create_model, from_torch, to_torch
 from jaxft.convert import variables_to_state_dict
 from jaxft.models.layers import adaptive_avg_pool

@@ -1,0 +1,40 @@
+"""Helpers to compare jaxft models with torchvision: used by the tests and tools/parity_report.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_l2(got, expected) -> float:
+    """Relative L2 error ||got - expected|| / ||expected||, in float64."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def randomize_batchnorm(model, seed: int = 0):
+    """Non-default BN statistics and affine parameters on a torch model: defaults hide mapping bugs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                module.weight.copy_(1.0 + 0.2 * torch.randn(n, generator=gen))
+                module.bias.copy_(0.2 * torch.randn(n, generator=gen))
+    return model
+
+
+def torch_reference(arch: str, seed: int = 0, **kwargs):
+    """A torchvision model in eval mode with seeded weights and randomised BatchNorm state."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    return randomize_batchnorm(torchvision.models.get_model(arch, weights=None, **kwargs), seed).eval()
+
+
+def nchw_to_nhwc(x) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).numpy()
