@@ -39,7 +39,9 @@ class BatchNorm(nn.Module):
     bias_init: Any = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """``mask`` (N,) marks real samples of a batch padded to the device count: batch
+        statistics then cover real samples only, so padding never changes the result."""
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", self.bias_init, (features,), jnp.float32)
@@ -49,11 +51,17 @@ class BatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         if train and "/".join(self.path) not in self.frozen_paths:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased, used to normalise
-            if not self.is_initializing():
+            if mask is None:
+                mean = jnp.mean(x32, axis=axes)
+                var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased, used to normalise
                 count = math.prod(x.shape[:-1])
-                unbiased = var * (count / max(count - 1, 1))
+            else:
+                weight = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+                count = jnp.sum(mask.astype(jnp.float32)) * math.prod(x.shape[1:-1])
+                mean = jnp.sum(x32 * weight, axis=axes) / count
+                var = jnp.sum(jnp.square(x32 - mean) * weight, axis=axes) / count
+            if not self.is_initializing():
+                unbiased = var * (count / jnp.maximum(count - 1, 1))
                 m = self.momentum
                 ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
                 ra_var.value = (1.0 - m) * ra_var.value + m * unbiased

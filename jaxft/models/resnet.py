@@ -37,15 +37,15 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         identity = x
         out = self.conv(self.planes, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)), name="conv1")(x)
-        out = nn.relu(self.norm(name="bn1")(out, train))
+        out = nn.relu(self.norm(name="bn1")(out, train, mask))
         out = self.conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(out)
-        out = self.norm(name="bn2")(out, train)
+        out = self.norm(name="bn2")(out, train, mask)
         if self.downsample:
             identity = self.conv(self.planes, (1, 1), (self.stride, self.stride), name="downsample_0")(x)
-            identity = self.norm(name="downsample_1")(identity, train)
+            identity = self.norm(name="downsample_1")(identity, train, mask)
         return nn.relu(out + identity)
 
 
@@ -62,19 +62,19 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         identity = x
-        out = nn.relu(self.norm(name="bn1")(self.conv(width, (1, 1), name="conv1")(x), train))
+        out = nn.relu(self.norm(name="bn1")(self.conv(width, (1, 1), name="conv1")(x), train, mask))
         out = self.conv(
             width, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)),
             feature_group_count=self.groups, name="conv2",
         )(out)
-        out = nn.relu(self.norm(name="bn2")(out, train))
-        out = self.norm(name="bn3")(self.conv(self.planes * self.expansion, (1, 1), name="conv3")(out), train)
+        out = nn.relu(self.norm(name="bn2")(out, train, mask))
+        out = self.norm(name="bn3")(self.conv(self.planes * self.expansion, (1, 1), name="conv3")(out), train, mask)
         if self.downsample:
             identity = self.conv(self.planes * self.expansion, (1, 1), (self.stride, self.stride), name="downsample_0")(x)
-            identity = self.norm(name="downsample_1")(identity, train)
+            identity = self.norm(name="downsample_1")(identity, train, mask)
         return nn.relu(out + identity)
 
 
@@ -93,12 +93,13 @@ class ResNet(nn.Module):
     head_name = "fc"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch."""
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init)
         norm = partial(BatchNorm, dtype=self.dtype, frozen_paths=self.frozen_bn)
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x, train))
+        x = nn.relu(norm(name="bn1")(x, train, mask))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
 
         inplanes = 64
@@ -114,7 +115,7 @@ class ResNet(nn.Module):
                     groups=self.groups,
                     base_width=self.width_per_group,
                     name=f"layer{stage}_{i}",
-                )(x, train)
+                )(x, train, mask)
                 inplanes = planes * self.block.expansion
 
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten

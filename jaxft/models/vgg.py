@@ -49,7 +49,8 @@ class VGG(nn.Module):
     torch_chw_flatten = {"classifier_0": (512,) + POOLED_SIZE}
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch."""
         conv = partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                        bias_init=nn.initializers.zeros)
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
@@ -63,7 +64,7 @@ class VGG(nn.Module):
                 continue
             x = conv(int(v), (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}")(x)
             if self.batch_norm:
-                x = BatchNorm(dtype=self.dtype, frozen_paths=self.frozen_bn, name=f"features_{index + 1}")(x, train)
+                x = BatchNorm(dtype=self.dtype, frozen_paths=self.frozen_bn, name=f"features_{index + 1}")(x, train, mask)
                 index += 1
             x = nn.relu(x)
             index += 2

@@ -1,0 +1,302 @@
+"""TrainState, the jitted train and eval steps, and data-parallel sharding. No I/O here.
+
+The train step differentiates only the trainable leaves (frozen ones enter the loss as
+constants, so XLA does no backward work for a frozen prefix), applies the optax
+transformation from ``jaxft.optim``, and leaves frozen leaves untouched bit for bit.
+Batches are split over a 1-D ``'data'`` mesh of every device (sharded ``jax.jit``);
+BatchNorm statistics are then global-batch statistics, so 1 and N devices agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct, traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxft.freeze import FROZEN, Strategy, frozen_batchnorm_paths, lr_groups
+from jaxft.optim import OptimConfig, build_optimizer, state_bytes, transfer_state
+
+BN_POLICIES = ("running", "torch")
+Batch = Mapping[str, Any]  # {'image': (N, H, W, 3) float32, 'label': (N,) int, 'mask': (N,) float32}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradients became NaN/inf; the state kept is the last good one."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jnp.ndarray  # raw uint32 key data: checkpoints as a plain array
+
+    @classmethod
+    def create(cls, variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                   opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def model_for_policy(model: nn.Module, labels: Mapping[str, Any], bn_policy: str) -> nn.Module:
+    """``running``: BatchNorm layers with frozen scale use running statistics while training
+    and never update them. ``torch``: every layer uses batch statistics and updates its
+    running statistics, as ``requires_grad=False`` + ``model.train()`` does in PyTorch."""
+    if bn_policy not in BN_POLICIES:
+        raise ValueError(f"unknown BatchNorm policy {bn_policy!r}; choose one of {', '.join(BN_POLICIES)}")
+    frozen = frozen_batchnorm_paths(labels) if bn_policy == "running" else frozenset()
+    return model.clone(frozen_bn=frozen)
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
+    """Per-sample cross-entropy; label smoothing as torch's ``CrossEntropyLoss(label_smoothing=)``."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _split(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:
+    flat, flat_labels = traverse_util.flatten_dict(dict(tree)), traverse_util.flatten_dict(dict(labels))
+    trainable = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
+    frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
+    return trainable, frozen
+
+
+def _merge(*parts: Mapping) -> dict:
+    return traverse_util.unflatten_dict({k: v for part in parts for k, v in part.items()})
+
+
+def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
+                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy)."""
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        trainable, frozen = _split(state.params, labels)
+        mask = batch["mask"].astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+        dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(trainable_params):
+            logits, updates = model.apply(
+                {"params": _merge(trainable_params, frozen), "batch_stats": state.batch_stats},
+                batch["image"], train=True, mask=batch["mask"], mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng})
+            per_sample = cross_entropy(logits, batch["label"], label_smoothing)
+            return jnp.sum(per_sample * mask) / count, (logits, updates.get("batch_stats", {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        zero_frozen = {k: jnp.zeros_like(v) for k, v in frozen.items()}  # set_to_zero ignores them
+        updates, opt_state = tx.update(_merge(grads, zero_frozen), state.opt_state, state.params)
+        flat_updates = traverse_util.flatten_dict(updates)
+        new_trainable = {k: v + flat_updates[k].astype(v.dtype) for k, v in trainable.items()}
+        new_state = state.replace(step=state.step + 1, params=_merge(new_trainable, frozen),
+                                  batch_stats=batch_stats, opt_state=opt_state)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # On NaN/inf keep the previous state, so the caller can stop with the last good one.
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {
+            "loss_sum": loss * jnp.sum(mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+            "grad_norm": grad_norm,
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(model: nn.Module, label_smoothing: float = 0.0) -> Callable[[TrainState, Batch], dict]:
+    """Sums of loss and correct predictions over the real (unmasked) samples, and predictions."""
+
+    def step(state: TrainState, batch: Batch) -> dict:
+        logits = model.apply(state.variables, batch["image"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        per_sample = cross_entropy(logits, batch["label"], label_smoothing)
+        predictions = jnp.argmax(logits, -1)
+        return {
+            "loss_sum": jnp.sum(per_sample * mask),
+            "correct": jnp.sum((predictions == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+            "predictions": predictions,
+            "probabilities": jax.nn.softmax(logits),
+        }
+
+    return step
+
+
+# --- data parallelism ----------------------------------------------------------------------------
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh named ``'data'`` over every device (all processes' devices when multi-host)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def init_distributed() -> bool:
+    """Multi-host start: call before anything touches devices on each host.
+
+    ``jax.distributed.initialize()`` reads the coordinator from the cluster environment
+    (SLURM, Open MPI, TPU pods, or ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``). Returns False on a single host, where nothing needs doing."""
+    import os
+
+    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+    if not any(os.environ.get(m) for m in markers):
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+    """Pad a host batch to a multiple of ``multiple`` with masked copies of sample 0.
+
+    Padded samples have mask 0: they change neither loss, metrics nor BatchNorm statistics."""
+    n = len(batch["label"])
+    mask = np.asarray(batch.get("mask", np.ones(n, np.float32)), np.float32)
+    pad = (-n) % multiple
+    out = {k: np.asarray(v) for k, v in batch.items() if k != "mask"}
+    out["mask"] = mask
+    if pad:
+        out = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in out.items()}
+        out["mask"][n:] = 0.0
+    return out, pad
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a (padded) host batch on the mesh, split along the batch axis. Multi-host: each
+    process passes its own slice of the global batch."""
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() > 1:
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+@dataclass
+class StepStats:
+    """Running sums of step metrics; exact means over real samples."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        self.loss_sum += float(metrics["loss_sum"])
+        self.correct += float(metrics["correct"])
+        self.count += float(metrics["count"])
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1.0)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1.0)
+
+
+@dataclass
+class Engine:
+    """Fine-tuning state and compiled steps for one model, strategy and optimizer.
+
+    Recompiles only when gradual unfreezing moves to a new stage (once per stage), carrying
+    the optimizer state of already-trainable leaves across."""
+
+    model: nn.Module
+    variables: Mapping[str, Any]
+    strategy: Strategy
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    total_steps: int = 1
+    bn_policy: str = "running"
+    label_smoothing: float = 0.0
+    lr_rules: Sequence[tuple[str, float]] = ()
+    layer_decay: Optional[float] = None
+    seed: int = 0
+    mesh: Optional[Mesh] = None
+    on_padding: Optional[Callable[[str], None]] = None
+
+    def __post_init__(self) -> None:
+        self.mesh = self.mesh or data_mesh()
+        self.epoch = 0
+        self.labels: dict = {}
+        self.state: Optional[TrainState] = None
+        self._configure(self.strategy.labels(self.model, self.variables["params"], epoch=0))
+        self._padding_reported = False
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _configure(self, labels: dict) -> None:
+        self.labels, self.multipliers = lr_groups(labels, self.model, self.lr_rules, self.layer_decay)
+        self.tx = build_optimizer(self.optim, self.labels, self.multipliers, self.total_steps)
+        variables = self.state.variables if self.state is not None else self.variables
+        fresh = TrainState.create(variables, self.tx, self.seed)
+        if self.state is not None:
+            fresh = fresh.replace(step=self.state.step, rng=self.state.rng,
+                                  opt_state=transfer_state(self.state.opt_state, fresh.opt_state))
+        replicated = NamedSharding(self.mesh, P())
+        self.state = jax.device_put(fresh, replicated)
+        policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
+        batch_sharding = NamedSharding(self.mesh, P("data"))
+        self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing),
+                              in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+                              donate_argnums=(0,))
+        self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing),
+                             in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Tell the engine which epoch starts; returns True when gradual unfreezing moved on."""
+        self.epoch = epoch
+        labels = self.strategy.labels(self.model, self.state.params, epoch=epoch)
+        if labels == self._base_labels():
+            return False
+        self._configure(labels)
+        return True
+
+    def _base_labels(self) -> dict:
+        """Current labels with learning-rate groups folded back to trainable/frozen."""
+        flat = traverse_util.flatten_dict(self.labels)
+        return traverse_util.unflatten_dict({k: FROZEN if v == FROZEN else v.split("*")[0] for k, v in flat.items()})
+
+    def _place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        padded, pad = pad_batch(batch, self.devices)
+        if pad and not self._padding_reported and self.on_padding:
+            self.on_padding(f"a batch of {len(batch['label'])} does not divide over {self.devices} devices: padded "
+                            f"with {pad} masked samples (they change no loss, metric or BatchNorm statistic)")
+            self._padding_reported = True
+        return shard_batch(padded, self.mesh)
+
+    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self.state, metrics = self._train(self.state, self._place(batch))
+        metrics = jax.device_get(metrics)
+        if not bool(metrics["finite"]):
+            raise NonFiniteLossError(
+                f"loss or gradients became NaN/inf at step {int(self.state.step) + 1}; the state was not "
+                f"updated and is the last good one. Try a lower --lr, --clip-grad 1.0, or float32 compute.")
+        return metrics
+
+    def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["label"])
+        metrics = jax.device_get(self._eval(self.state, self._place(batch)))
+        metrics["predictions"] = metrics["predictions"][:n]
+        metrics["probabilities"] = metrics["probabilities"][:n]
+        return metrics
+
+    def optimizer_state_bytes(self) -> int:
+        return state_bytes(self.state.opt_state)
