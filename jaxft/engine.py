@@ -107,7 +107,7 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
         new_state = state.replace(step=state.step + 1, params=_merge(new_trainable, frozen),
                                   batch_stats=batch_stats, opt_state=opt_state)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # On NaN/inf keep the previous state, so the caller can stop with the last good one.
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -251,7 +251,9 @@ class Engine:
             fresh = fresh.replace(step=self.state.step, rng=self.state.rng,
                                   opt_state=transfer_state(self.state.opt_state, fresh.opt_state))
         replicated = NamedSharding(self.mesh, P())
-        self.state = jax.device_put(fresh, replicated)
+        # may_alias=False: the train step donates its state, and must never consume the
+        # caller's own variables arrays.
+        self.state = jax.device_put(fresh, replicated, may_alias=False)
         policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
         batch_sharding = NamedSharding(self.mesh, P("data"))
         self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing),

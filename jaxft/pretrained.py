@@ -42,6 +42,7 @@ def load_pretrained(
     weights: Any = "imagenet",
     num_classes: Optional[int] = None,
     seed: int = 0,
+    new_head: Optional[bool] = None,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, dict[str, Any], PretrainedInfo]:
     """Model, variables and info for fine-tuning ``arch`` on ``num_classes`` classes.
@@ -49,7 +50,8 @@ def load_pretrained(
     The backbone comes from ``weights`` (see :func:`jaxft.weights.resolve_state_dict`;
     ``None``/``"none"`` means random init). When ``num_classes`` differs from the checkpoint's,
     the classifier is freshly initialised like torchvision does and ``info.replaced_keys``
-    names the torch keys that were replaced.
+    names the torch keys that were replaced. ``new_head=True`` replaces it even when the
+    class count matches (a new task with as many classes as the source's).
     """
     check_arch(arch)
     if weights in NO_WEIGHTS:
@@ -65,7 +67,7 @@ def load_pretrained(
     num_classes = num_classes or source_classes or 1000
     model = create_model(arch, num_classes=num_classes, **model_kwargs)
     replaced: list[str] = []
-    if source_classes is not None and source_classes != num_classes:
+    if new_head if new_head is not None else (source_classes is not None and source_classes != num_classes):
         fresh = variables_to_state_dict(model, init_variables(model, seed))
         head = torch_module_name((model.head_name,)) + "."
         replaced = [k for k in fresh if k.startswith(head)]

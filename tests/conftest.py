@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,3 +14,33 @@ def offline_torch_home(tmp_path, monkeypatch):
     """An empty torchvision cache, so weights names must be downloaded (and fail offline)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     return tmp_path / "torch_home"
+
+
+@pytest.fixture(scope="session")
+def source_checkpoint(tmp_path_factory):
+    """The offline source checkpoint (resnet18 trained in PyTorch on digits 0-4), built once
+    per test run and shared by xdist workers through a lock."""
+    from filelock import FileLock
+
+    from jaxft.source_checkpoint import SourceRecipe, build_source_checkpoint
+
+    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this run
+    path = shared / "source" / "resnet18_digits0-4.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            build_source_checkpoint(path, SourceRecipe(), log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_5_9():
+    """Digits 5-9 upscaled to 32 px and normalised like the source checkpoint: (x NHWC, y)."""
+    from jaxft.data.builtin import digits
+    from jaxft.source_checkpoint import resize_images
+    from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    images, labels, _ = digits(range(5, 10))
+    x = resize_images(images, 32).astype(np.float32) / 255.0
+    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return x, labels
