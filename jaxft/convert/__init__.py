@@ -52,7 +52,8 @@ def model_layout(model: nn.Module) -> "OrderedDict[Leaf, tuple[int, ...]]":
     order: list[tuple[str, tuple[str, ...]]] = []
 
     def init():
-        variables = model.init(jax.random.key(0), jnp.zeros(_LAYOUT_INPUT, jnp.float32))
+        shape = getattr(model, "layout_input_shape", _LAYOUT_INPUT)  # LinearHead reads features, not images
+        variables = model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32))
         for collection in ("params", "batch_stats"):
             order.extend((collection, path) for path in traverse_util.flatten_dict(variables.get(collection, {})))
         return variables

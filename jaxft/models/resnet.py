@@ -93,8 +93,10 @@ class ResNet(nn.Module):
     head_name = "fc"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch."""
+    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None,
+                 pre_logits: bool = False) -> jnp.ndarray:
+        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch;
+        ``pre_logits`` returns the pooled features the classifier reads instead."""
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init)
         norm = partial(BatchNorm, dtype=self.dtype, frozen_paths=self.frozen_bn)
         x = x.astype(self.dtype)
@@ -119,6 +121,8 @@ class ResNet(nn.Module):
                 inplanes = planes * self.block.expansion
 
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten
+        if pre_logits:
+            return x
         fan_in = x.shape[-1]
         x = nn.Dense(
             self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,

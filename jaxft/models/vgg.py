@@ -49,8 +49,10 @@ class VGG(nn.Module):
     torch_chw_flatten = {"classifier_0": (512,) + POOLED_SIZE}
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch."""
+    def __call__(self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None,
+                 pre_logits: bool = False) -> jnp.ndarray:
+        """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch;
+        ``pre_logits`` returns the 4096 features the last Linear reads instead."""
         conv = partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                        bias_init=nn.initializers.zeros)
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
@@ -75,6 +77,8 @@ class VGG(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.relu(dense(4096, name="classifier_3")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if pre_logits:
+            return x.astype(jnp.float32)
         x = dense(self.num_classes, name=self.head_name)(x)
         return x.astype(jnp.float32)
 
