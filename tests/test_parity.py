@@ -164,3 +164,19 @@ def test_bfloat16_compute_keeps_float32_params():
     assert rel_l2(got, expected) < 5e-2  # bfloat16 has an 8-bit mantissa
     fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(fresh)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("hw,kernel,stride", [((1, 1), 3, 1), ((1, 1), 3, 2), ((2, 2), 3, 1), ((2, 3), 3, 2),
+                                              ((2, 2), 1, 1), ((5, 4), 3, 1)])
+def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
+    """The centre-tap and patches routes (tiny maps on CPU) compute torch's convolution."""
+    from jaxft.models.layers import Conv
+
+    pad = kernel // 2
+    x = torch.randn(2, 8, *hw, generator=torch.Generator().manual_seed(6))
+    weight = torch.randn(16, 8, kernel, kernel, generator=torch.Generator().manual_seed(7))
+    expected = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad).permute(0, 2, 3, 1).numpy()
+    conv = Conv(16, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)), use_bias=False)
+    got = conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, nchw_to_nhwc(x))
+    assert got.shape == expected.shape
+    assert rel_l2(got, expected) <= 1e-6

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -99,3 +100,60 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
     mh = jnp.asarray(_bin_matrix(h, oh), x.dtype)
     mw = jnp.asarray(_bin_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,nhwc,jw->nijc", mh, x, mw)
+
+
+class Conv(nn.Module):
+    """``nn.Conv`` (same ``kernel``/``bias`` params, HWIO) with two shortcuts for the tiny
+    feature maps small images leave in the last stages:
+
+    * a 1x1 map under a "same"-padded kxk kernel only meets the centre tap: one matmul;
+    * XLA:CPU has a performance cliff for kxk convolutions (k > 1) over 2x2..2x3 maps
+      (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel
+      (measured; see docs/benchmarks.md), so on CPU those maps take the matmul route.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = ((0, 0), (0, 0))
+    use_bias: bool = True
+    feature_group_count: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init,
+                            (*self.kernel_size, in_features // self.feature_group_count, self.features),
+                            self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dims = ("NHWC", "HWIO", "NHWC")
+        if _center_tap_only(x.shape, self.kernel_size, self.padding, self.feature_group_count):
+            # a 1x1 map padded by k//2: every other tap multiplies zeros; one matmul does it
+            kh, kw = self.kernel_size
+            y = x @ kernel[kh // 2, kw // 2]
+        elif _use_patches(x.shape, self.kernel_size, self.feature_group_count):
+            patches = jax.lax.conv_general_dilated_patches(x, self.kernel_size, self.strides, self.padding,
+                                                           dimension_numbers=dims)
+            # patches' features are ordered (in_channel, kh, kw)
+            y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims,
+                                             feature_group_count=self.feature_group_count)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+def _center_tap_only(shape: tuple[int, ...], kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
+    _, h, w, _ = shape
+    kh, kw = kernel_size
+    return (h, w) == (1, 1) and groups == 1 and tuple(map(tuple, padding)) == ((kh // 2,) * 2, (kw // 2,) * 2)
+
+
+def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: int) -> bool:
+    _, h, w, _ = shape
+    return (jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6)

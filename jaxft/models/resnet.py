@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import BatchNorm
+from jaxft.models.layers import BatchNorm, Conv
 
 # torchvision init: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convolutions,
 # and nn.Linear's default for the classifier (uniform in +-1/sqrt(fan_in), weight and bias).
@@ -97,7 +97,7 @@ class ResNet(nn.Module):
                  pre_logits: bool = False) -> jnp.ndarray:
         """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch;
         ``pre_logits`` returns the pooled features the classifier reads instead."""
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init)
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init)
         norm = partial(BatchNorm, dtype=self.dtype, frozen_paths=self.frozen_bn)
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)

@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import BatchNorm, adaptive_avg_pool
+from jaxft.models.layers import BatchNorm, Conv, adaptive_avg_pool
 
 # torchvision VGG init: kaiming_normal_(fan_out, relu) convs with zero bias,
 # normal(0, 0.01) linears with zero bias.
@@ -53,7 +53,7 @@ class VGG(nn.Module):
                  pre_logits: bool = False) -> jnp.ndarray:
         """Logits for NHWC ``x``; ``mask`` (N,) marks real samples in a padded training batch;
         ``pre_logits`` returns the 4096 features the last Linear reads instead."""
-        conv = partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+        conv = partial(Conv, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                        bias_init=nn.initializers.zeros)
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
                         bias_init=nn.initializers.zeros)
