@@ -28,12 +28,9 @@ def interleaved_medians(contenders: dict[str, Callable[[], object]], repeats: in
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table (printed and returned, so docs can paste it verbatim)."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    table = "\n".join(lines)
+    from jaxft.report import markdown_table
+
+    table = markdown_table(headers, rows)
     print(table)
     return table
 

@@ -97,3 +97,58 @@ def load_variables(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
         raise CheckpointError(f"{path} could not be read as a jaxft {fmt} checkpoint: {exc}") from exc
+
+
+class RunCheckpoints:
+    """A training run's orbax ``CheckpointManager``: the TrainState plus a JSON ``progress``
+    item (epoch, position in the epoch, running metrics, data iterator state).
+
+    Keeps the latest ``keep`` checkpoints and, beside them, the best one by validation
+    accuracy. Saves are synchronous and atomic (orbax writes a temporary directory and
+    renames it), so a process killed mid-save leaves the previous checkpoints readable;
+    leftover temporary directories are removed when the manager opens.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=not read_only, read_only=read_only,
+                                               create=not read_only)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
+                                             item_names=("state", "progress"))
+
+    def save(self, step: int, state: Any, progress: Mapping[str, Any], val_accuracy: float | None = None) -> None:
+        ocp = self._ocp
+        if step in self.manager.all_steps():
+            return  # already saved at this step (an epoch end that is also a save interval)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         progress=ocp.args.JsonSave(dict(progress))),
+                          metrics={"val_accuracy": val_accuracy} if val_accuracy is not None else None)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
+        """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
+        ocp = self._ocp
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                       progress=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["progress"])
+
+    def progress(self, step: int) -> dict[str, Any]:
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(progress=self._ocp.args.JsonRestore()))
+        return dict(restored["progress"])
+
+    def close(self) -> None:
+        self.manager.close()
