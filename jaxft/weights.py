@@ -8,6 +8,7 @@ torchvision's own download of a weights file the user asked for by name.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -182,13 +183,32 @@ def resolve_state_dict(arch: str, source: Any) -> tuple[Mapping[str, Any], Weigh
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if _looks_like_path(text):
-            return load_checkpoint_file(text), WeightsMeta(source=str(Path(text).resolve()))
+            return load_checkpoint_file(text), sidecar_meta(Path(text))
         weights = weights_enum(arch, text)
         meta = WeightsMeta(source=f"torchvision {weights}", categories=list(weights.meta["categories"]),
                            preprocessing=preprocessing_of(weights))
         return download_state_dict(weights), meta
     raise WeightsError(f"cannot read weights from a {type(source).__name__}: pass a weights name, a path, "
                        f"a state_dict or an nn.Module")
+
+
+def sidecar_meta(path: Path) -> WeightsMeta:
+    """Metadata for a checkpoint file: from ``<file>.json`` beside it when present (jaxft's source
+    checkpoints write one: classes, image_size, mean, std), else ImageNet's preprocessing."""
+    meta = WeightsMeta(source=str(path.resolve()))
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            info = json.loads(sidecar.read_text())
+        except ValueError:
+            return meta  # not ours; the checkpoint itself is still usable
+        if isinstance(info, dict) and "image_size" in info:
+            size = int(info["image_size"])
+            meta.preprocessing = Preprocessing(resize_size=size, crop_size=size,
+                                               mean=tuple(info.get("mean", IMAGENET_MEAN)),
+                                               std=tuple(info.get("std", IMAGENET_STD)))
+            meta.categories = info.get("classes")
+    return meta
 
 
 def preprocessing_of(weights) -> Preprocessing:

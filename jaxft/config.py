@@ -1,0 +1,186 @@
+"""Training configuration: one dataclass, the command-line flags built from it, and config files.
+
+A config file (YAML or JSON) uses the flag names as keys (``batch_size`` or ``batch-size``);
+flags given on the command line override it. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from jaxft.engine import BN_POLICIES
+from jaxft.models import ARCHS
+from jaxft.optim import OPTIMIZERS, SCHEDULES
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    arch: str = field(default="resnet18", metadata={"help": "torchvision architecture", "choices": ARCHS})
+    weights: str = field(default="source", metadata={
+        "help": "imagenet (torchvision DEFAULT), an enum name (IMAGENET1K_V2), a .pth/.safetensors path, "
+                "'source' (the offline source checkpoint: resnet18 trained in PyTorch on digits 0-4, built on "
+                "first use) or none (random init, training from scratch)"})
+    data: str = field(default="digits:5-9", metadata={
+        "help": "an image folder (root/class_x/*.jpg, optional train/ val/ test/), tfds:NAME, digits, digits:5-9 "
+                "or lfw"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "where TFDS datasets are prepared"})
+    strategy: str = field(default="full", metadata={
+        "help": "what trains: full, head, body, partial:F (freeze the first fraction F of tensors), "
+                "regex:'PATTERN=trainable;...;rest=frozen', gradual[:N]"})
+    bn_frozen: str = field(default="running", metadata={
+        "help": "BatchNorm in frozen layers: running (use and keep running statistics) or torch (batch "
+                "statistics, running stats updated: what requires_grad=False + model.train() does)",
+        "choices": BN_POLICIES})
+    epochs: int = field(default=5, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=32, metadata={"help": "global batch size (split over all devices)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up (cosine, constant)"})
+    clip_grad: Optional[float] = field(default=None, metadata={"help": "clip gradients to this global norm"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (AdamW: decoupled; else L2)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
+    lr_mult: Optional[str] = field(default=None, metadata={
+        "help": "per-group learning-rate multipliers, 'PATTERN=MULT;...' over paths like layer4_0/conv1/kernel"})
+    layer_decay: Optional[float] = field(default=None, metadata={
+        "help": "layer-wise learning-rate decay per stage below the head (e.g. 0.7)"})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "crop size (default: the weights' preprocessing, 224 for ImageNet, 32 for 'source')"})
+    augment: Optional[bool] = field(default=None, metadata={
+        "help": "RandomResizedCrop + flip while training; default: on, except for the built-ins (8x8 digits, "
+                "25x25 faces), which it would crop to a few pixels"})
+    val_split: float = field(default=0.2, metadata={"help": "fraction of train held out when there is no val/"})
+    seed: int = field(default=0, metadata={"help": "seed for init, split, shuffling and augmentation"})
+    dtype: str = field(default="float32", metadata={"help": "compute dtype (params stay float32)",
+                                                    "choices": ("float32", "bfloat16")})
+    workers: int = field(default=0, metadata={"help": "data loader worker processes (0: in-process)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and every epoch)"})
+    keep: int = field(default=3, metadata={"help": "latest checkpoints kept (the best is kept too)"})
+    log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
+    out: Optional[str] = field(default=None, metadata={"help": "run directory (default: runs/ARCH-DATA-STRATEGY)"})
+
+    def check(self) -> "TrainConfig":
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "save_every": self.save_every,
+                    "keep": self.keep, "log_every": self.log_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"--image-size must be at least 16 px, got {self.image_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.arch not in ARCHS:
+            from jaxft.models import check_arch
+
+            check_arch(self.arch)
+        return self
+
+    def augmentation(self) -> bool:
+        """``augment`` as given, else on for folders and TFDS and off for the tiny built-ins."""
+        if self.augment is not None:
+            return self.augment
+        from jaxft.data.builtin import BUILTINS
+
+        return self.data.partition(":")[0] not in BUILTINS
+
+    def lr_rules(self) -> list[tuple[str, float]]:
+        rules = []
+        for rule in filter(None, (r.strip() for r in (self.lr_mult or "").split(";"))):
+            pattern, _, mult = rule.rpartition("=")
+            try:
+                rules.append((pattern, float(mult)))
+            except ValueError:
+                raise ConfigError(f"--lr-mult rule {rule!r} must be PATTERN=MULTIPLIER, e.g. 'fc/.*=10'") from None
+        return rules
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+_TYPES = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float, "bool": bool,
+          "Optional[bool]": bool}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """A config-file value as its field's type; a wrong type names the key."""
+    kind = _TYPES.get(str(CONFIG_FIELDS[key].type), str)
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is bool or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are left unset so config files can fill them."""
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in ("bool", bool, "Optional[bool]"):
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = _TYPES.get(str(f.type), str)
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), metavar=f.name.upper() if "choices" not in f.metadata
+                            else None, help=help_text)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise ConfigError(f"config file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}:"
+                          f" {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """TrainConfig from a config file's values overridden by flags; unknown keys are errors."""
+    unknown = [k for k in file_values if k not in CONFIG_FIELDS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, CONFIG_FIELDS, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source} has unknown key(s) {', '.join(hints)}; valid keys are the flags of "
+                          f"python -m jaxft.train --help")
+    values = {**{k: _coerce(k, v, source) for k, v in file_values.items()}, **flag_values}
+    try:
+        return TrainConfig(**values).check()
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

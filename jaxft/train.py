@@ -1,0 +1,455 @@
+"""python -m jaxft.train: fine-tune a torchvision CNN in JAX, end to end.
+
+Orchestration only: data comes from ``jaxft.data``, weights from ``jaxft.pretrained``, the
+math from ``jaxft.engine``, checkpoints from ``jaxft.checkpoint``, files for people from
+``jaxft.report``. A run directory holds everything a run produced:
+
+    config.json        the resolved configuration (flags and config file merged)
+    environment.json   versions, devices, command line
+    model.json         arch, classes, preprocessing: what predict and export need
+    metrics.jsonl      one line per logged step, per evaluation, per epoch
+    checkpoints/       orbax: the latest checkpoints and the best by validation accuracy
+    best/              the best model's variables (jaxft variables format)
+    summary.json       final metrics, per-class accuracy, best epoch, wall time, images/s
+    plots/             curves.png, confusion_val.png (and confusion_test.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
+
+EXAMPLES = """\
+examples:
+  python -m jaxft.train                      # offline default: resnet18 from the source checkpoint, digits 5-9
+  python -m jaxft.train --data ~/pets --weights imagenet --arch resnet50 --strategy head --epochs 10
+  python -m jaxft.train --data tfds:cats_vs_dogs --strategy partial:0.8 --image-size 160
+  python -m jaxft.train --config run.yaml --lr 3e-4          # flags override the file
+  python -m jaxft.train --resume runs/resnet18-digits_5-9-full  # continue an interrupted run
+
+Strategies: full (fine-tune everything), head (linear probe), body, partial:0.8 (freeze the first
+80% of parameter tensors, torchvision order), regex:'layer4_.*=trainable;fc/.*=trainable;rest=frozen',
+gradual[:N] (unfreeze one stage more every N epochs). --weights none trains from scratch.
+"""
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean a user mistake: reported as one line, never a traceback."""
+    from jaxft.checkpoint import CheckpointError
+    from jaxft.convert import ConversionError
+    from jaxft.data.split import DataError
+    from jaxft.freeze import StrategyError
+    from jaxft.models import UnknownArchError
+    from jaxft.optim import OptimizerError
+    from jaxft.weights import WeightsError
+
+    return (ConfigError, RunError, CheckpointError, ConversionError, DataError, StrategyError, UnknownArchError,
+            OptimizerError, WeightsError)
+
+
+# --- run directory --------------------------------------------------------------------------------
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = Path(cfg.data).name if os.path.exists(cfg.data) else cfg.data
+    slug = "-".join(part.replace(":", "_").replace("/", "_") for part in (cfg.arch, data, cfg.strategy.split(":")[0]))
+    base = Path("runs") / slug
+    candidate, n = base, 1
+    while candidate.exists():  # never reuse a default directory
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> Path:
+    """Create ``path`` for a new run; refuse to touch an existing non-empty one unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file, not a directory")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise RunError(f"--out {path} already holds files; pass --overwrite to replace them, --resume {path} to "
+                           f"continue that run, or choose another --out")
+        if not (path / "config.json").exists():
+            raise RunError(f"--overwrite refuses to empty {path}: it is not a jaxft run directory (no config.json)")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write to --out {path}: {exc.strerror or exc}") from None
+    (path / "plots").mkdir(exist_ok=True)
+    return path
+
+
+def check_resumable(path: Path) -> None:
+    if not path.is_dir():
+        raise RunError(f"--resume {path}: no such directory")
+    if not (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
+        raise RunError(f"--resume {path} is not a jaxft run directory (expected config.json and checkpoints/)")
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+    import torch
+
+    import jaxft
+
+    return {
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {"jaxft": jaxft.__version__, "jax": jax.__version__, "flax": flax.__version__,
+                     "optax": optax.__version__, "orbax": ocp.__version__, "torch": torch.__version__,
+                     "numpy": np.__version__},
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Everything besides the TrainState needed to continue a run exactly (saved as JSON)."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0
+    global_step: int = 0
+    iterator: Any = None
+    train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss_sum, correct, count
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluated epoch
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class StopRequested(Exception):
+    """Ctrl-C: checkpoint and leave."""
+
+
+class InterruptFlag:
+    """First Ctrl-C asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptFlag":
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Loss/accuracy over every sample of ``loader``, with labels and predictions."""
+    from jaxft.engine import StepStats
+
+    stats, labels, predictions = StepStats(), [], []
+    for batch in loader:
+        metrics = engine.eval_step(batch)
+        stats.add(metrics)
+        labels.append(np.asarray(batch["label"]))
+        predictions.append(metrics["predictions"])
+    return stats, np.concatenate(labels), np.concatenate(predictions)
+
+
+def resolve_weights(cfg: TrainConfig, log: Callable[[str], None]) -> Any:
+    """'source' is the offline source checkpoint, built on first use; 'none' means random init."""
+    if cfg.weights == "source":
+        from jaxft.source_checkpoint import SourceRecipe, ensure_source_checkpoint
+
+        return ensure_source_checkpoint(SourceRecipe(arch=cfg.arch if cfg.arch in ("resnet18", "resnet34", "resnet50")
+                                                     else "resnet18"), log=log)
+    return None if cfg.weights.lower() in ("none", "scratch", "random") else cfg.weights
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from jaxft.checkpoint import RunCheckpoints, save_variables
+    from jaxft.data.pipeline import eval_loader, train_loader
+    from jaxft.data.sources import open_dataset
+    from jaxft.data.transforms import transforms_for
+    from jaxft.engine import Engine, StepStats
+    from jaxft.freeze import FROZEN, describe, parse_strategy, summarize
+    from jaxft.optim import OptimConfig, learning_rate_schedule
+    from jaxft.pretrained import load_pretrained
+    from jaxft.report import (MetricsLog, confusion_matrix, per_class_accuracy, plot_confusion, plot_curves,
+                              read_metrics, write_json)
+
+    strategy = parse_strategy(cfg.strategy)
+    splits = open_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_split, seed=cfg.seed)
+    log(splits.summary())
+    weights = resolve_weights(cfg, log)
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    model, variables, info = load_pretrained(cfg.arch, weights, num_classes=len(splits.classes), seed=cfg.seed,
+                                             new_head=weights is not None, dtype=dtype)
+    log(f"model {cfg.arch}: {info.param_count:,} parameters, weights from {info.meta.source}"
+        + (f"; new head ({', '.join(info.replaced_keys)})" if info.replaced_keys else ""))
+    train_t, eval_t = transforms_for(info.meta.preprocessing, cfg.image_size, cfg.augmentation())
+    loader = train_loader(splits.train, train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
+                          num_workers=cfg.workers)
+    val_loader = eval_loader(splits.val, eval_t, max(cfg.batch_size, 64), num_workers=cfg.workers)
+    test_loader = (eval_loader(splits.test, eval_t, max(cfg.batch_size, 64), num_workers=cfg.workers)
+                   if splits.test is not None else None)
+    steps_per_epoch, total_steps = loader.steps_per_epoch, len(loader)
+    optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
+                        int(cfg.warmup_epochs * steps_per_epoch), cfg.clip_grad)
+    schedule = learning_rate_schedule(optim, total_steps)
+    engine = Engine(model, variables, strategy, optim, total_steps=total_steps, bn_policy=cfg.bn_frozen,
+                    label_smoothing=cfg.label_smoothing, lr_rules=cfg.lr_rules(), layer_decay=cfg.layer_decay,
+                    seed=cfg.seed, on_padding=log)
+    log(describe(engine.labels, variables["params"], strategy))
+
+    if not resume:
+        write_json(run_dir / "model.json", {
+            "arch": cfg.arch, "num_classes": len(splits.classes), "classes": list(splits.classes),
+            "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size,
+            "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": info.meta.source})
+
+    ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
+    progress = Progress()
+    iterator = iter(loader)
+    if resume:
+        latest = ckpts.latest_step()
+        if latest is None:
+            raise RunError(f"--resume {run_dir}: the run has no checkpoint yet; start it again with --out")
+        saved = ckpts.progress(latest)
+        engine.set_epoch(saved["epoch"])  # gradual unfreezing: the stage, so the optimizer state fits
+        engine.state, saved = ckpts.restore(latest, engine.state)
+        progress = Progress(**saved)
+        iterator.set_state(progress.iterator)
+        _truncate_metrics(run_dir / "metrics.jsonl", progress.global_step)
+        log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
+            f"step {progress.step_in_epoch}/{steps_per_epoch})")
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+
+    def save(val_accuracy: Optional[float] = None) -> None:
+        progress.iterator = iterator.get_state()
+        ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
+
+    def record_eval(epoch: int, record: dict[str, Any]) -> None:
+        progress.history.append(record)
+        metrics_log.write({"event": "epoch", "step": progress.global_step, **record})
+
+    if not resume:
+        stats, _, _ = evaluate(engine, val_loader)
+        record_eval(0, {"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
+        log(f"before training: val loss {stats.loss:.4f}, accuracy {stats.accuracy:.4f}")
+
+    start_wall = time.perf_counter()
+    try:
+        with InterruptFlag() as interrupt:
+            for epoch in range(progress.epoch, cfg.epochs):
+                if engine.set_epoch(epoch):
+                    log(describe(engine.labels, variables["params"], strategy))
+                running = StepStats(*progress.train_sums)
+                bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           disable=True if quiet else None, leave=False, unit="step")
+                epoch_start = time.perf_counter()
+                while progress.step_in_epoch < steps_per_epoch:
+                    batch = next(iterator)
+                    step_start = time.perf_counter()
+                    metrics = engine.train_step(batch)
+                    progress.train_seconds += time.perf_counter() - step_start
+                    running.add(metrics)
+                    progress.train_sums = [running.loss_sum, running.correct, running.count]
+                    progress.images_seen += int(metrics["count"])
+                    progress.global_step += 1
+                    progress.step_in_epoch += 1
+                    images_per_sec = int(metrics["count"]) / max(time.perf_counter() - step_start, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{running.accuracy:.3f}",
+                                    img_s=f"{images_per_sec:.0f}")
+                    if progress.global_step % cfg.log_every == 0:
+                        metrics_log.write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
+                                           "loss": float(metrics["loss_sum"] / metrics["count"]),
+                                           "accuracy": float(metrics["correct"] / metrics["count"]),
+                                           "lr": float(schedule(progress.global_step - 1)),
+                                           "grad_norm": float(metrics["grad_norm"]),
+                                           "images_per_sec": round(images_per_sec, 1)})
+                    if interrupt.requested:
+                        raise StopRequested
+                    if progress.global_step % cfg.save_every == 0 and progress.step_in_epoch < steps_per_epoch:
+                        save()
+                bar.close()
+                stats, _, _ = evaluate(engine, val_loader)
+                record = {"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
+                          "val_loss": stats.loss, "val_accuracy": stats.accuracy,
+                          "epoch_seconds": round(time.perf_counter() - epoch_start, 2)}
+                improved = stats.accuracy > progress.best_accuracy
+                if improved:
+                    progress.best_accuracy, progress.best_epoch = stats.accuracy, epoch + 1
+                    _replace_dir(run_dir / "best", lambda tmp: save_variables(
+                        tmp, engine.state.variables, json.loads((run_dir / "model.json").read_text())))
+                record_eval(epoch + 1, record)
+                log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running.loss:.4f} acc {running.accuracy:.4f} | "
+                    f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
+                progress.epoch, progress.step_in_epoch, progress.train_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+                save(stats.accuracy)
+    except StopRequested:
+        save()
+        metrics_log.close()
+        ckpts.close()
+        raise
+
+    # final evaluation of the best model
+    from jaxft.checkpoint import load_variables
+
+    best_vars, _ = load_variables(run_dir / "best")
+    engine.state = engine.state.replace(params=best_vars["params"], batch_stats=best_vars.get("batch_stats", {}))
+    summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data,
+                               "strategy": strategy.spec, "bn_frozen": cfg.bn_frozen, "classes": list(splits.classes),
+                               "best_epoch": progress.best_epoch, "epochs": cfg.epochs, "steps": progress.global_step}
+    last = progress.history[-1]
+    summary["train"] = {"loss": last["train_loss"], "accuracy": last["train_accuracy"],
+                        "note": "running average over the last epoch, with augmentation"}
+    for name, split_loader in (("val", val_loader), ("test", test_loader)):
+        if split_loader is None:
+            continue
+        stats, labels, predictions = evaluate(engine, split_loader)
+        matrix = confusion_matrix(labels, predictions, len(splits.classes))
+        summary[name] = {"loss": stats.loss, "accuracy": stats.accuracy, "samples": int(stats.count),
+                         "per_class_accuracy": per_class_accuracy(matrix, splits.classes),
+                         "confusion_matrix": matrix.tolist()}
+        plot_confusion(matrix, splits.classes, run_dir / "plots" / f"confusion_{name}.png",
+                       f"{cfg.arch} {strategy.spec}: {name} (best epoch {progress.best_epoch})")
+    summary["before_training"] = {"val_loss": progress.history[0]["val_loss"],
+                                  "val_accuracy": progress.history[0]["val_accuracy"]}
+    rows = summarize(engine.labels, variables["params"])
+    summary["parameters"] = {"total": sum(r[2] for r in rows),
+                             "trainable": sum(r[2] for r in rows if r[0] != FROZEN)}
+    summary["optimizer_state_bytes"] = engine.optimizer_state_bytes()
+    summary["wall_seconds"] = round(progress.train_seconds + (time.perf_counter() - start_wall if not resume else 0), 2)
+    summary["train_seconds"] = round(progress.train_seconds, 2)
+    summary["images_per_sec"] = round(progress.images_seen / max(progress.train_seconds, 1e-9), 1)
+    summary["devices"] = engine.devices
+    write_json(run_dir / "summary.json", summary)
+    plot_curves([r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
+                run_dir / "plots" / "curves.png")
+    metrics_log.close()
+    ckpts.close()
+    return summary
+
+
+def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write a directory next to ``target`` and swap it in, so a kill never leaves no best/."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from: they will be written again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _recover_best(run_dir: Path) -> None:
+    """A kill between the two renames of _replace_dir leaves best.old: put it back."""
+    best, old = run_dir / "best", run_dir / "best.old"
+    if not best.exists() and old.exists():
+        old.rename(best)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxft.train",
+        description="Fine-tune a torchvision ResNet/VGG in JAX: pretrained weights, a new head, a freeze strategy, "
+                    "checkpoints you can resume, and reports (metrics.jsonl, summary.json, plots).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file whose keys are these flags' names; flags override it")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "quiet")}
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            check_resumable(run_dir)
+            _recover_best(run_dir)
+            if flags:
+                print(f"note: --resume continues with the run's own config.json; ignoring "
+                      f"{', '.join('--' + k.replace('_', '-') for k in flags)}", file=sys.stderr)
+            cfg = build_config(json.loads((run_dir / "config.json").read_text()), {}, str(run_dir / "config.json"))
+        else:
+            file_values = load_config_file(args.config) if args.config else {}
+            cfg = build_config(file_values, flags, args.config or "flags")
+            run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg), args.overwrite)
+            cfg.out = str(run_dir)
+            (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        print(f"run directory: {run_dir}")
+        summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
+    except StopRequested:
+        print(f"interrupted: checkpoint saved; continue with python -m jaxft.train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    except user_errors() as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 3
+    test = f", test accuracy {summary['test']['accuracy']:.4f}" if "test" in summary else ""
+    print(f"done: best val accuracy {summary['val']['accuracy']:.4f} at epoch {summary['best_epoch']}{test}; "
+          f"{summary['images_per_sec']:.0f} images/s; results in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
