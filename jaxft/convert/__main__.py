@@ -18,6 +18,9 @@ examples:
   # back to PyTorch: a .pth that torchvision.models.resnet18(num_classes=N) loads with strict=True
   python -m jaxft.convert --to-torch resnet18.msgpack --out resnet18_back.pth
 
+  # a fine-tuned run (its best model) -> torchvision
+  python -m jaxft.convert --to-torch runs/resnet18-digits_5-9-full --out finetuned.pth
+
 SOURCE is 'imagenet' (the arch's DEFAULT weights), a weights enum name such as IMAGENET1K_V2,
 or a .pth/.pt/.safetensors file holding a torchvision state_dict. Files are read with
 torch.load(weights_only=True) only. Output format follows --out's suffix (.msgpack,
@@ -116,14 +119,17 @@ def flax_to_torch(args: argparse.Namespace) -> str:
     from jaxft.convert import count_params, to_torch
     from jaxft.models import check_arch
 
-    variables, meta = load_variables(args.source)
+    source = Path(args.source)
+    if (source / "model.json").is_file() and (source / "best").is_dir():  # a python -m jaxft.train run
+        source = source / "best"
+    variables, meta = load_variables(source)
     arch = check_arch(meta.get("arch", ""))
-    out = args.out or Path(f"{Path(args.source).stem}.pth")
+    out = args.out or Path(f"{Path(args.source).name}.pth")
     _refuse_overwrite(out, args.overwrite)
     state_dict = to_torch(arch, variables)
     torch.save(state_dict, out)
     num_classes = int(meta.get("num_classes") or 0)
-    categories = (meta.get("weights") or {}).get("categories")
+    categories = meta.get("classes") or (meta.get("weights") or {}).get("categories")
     lines = [f"exported {_describe(arch, num_classes, count_params(variables), categories)}",
              f"  from {Path(args.source).resolve()}", f"  to   {out.resolve()}",
              f"  load with: torchvision.models.{arch}(num_classes={num_classes}).load_state_dict("

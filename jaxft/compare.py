@@ -1,0 +1,60 @@
+"""python -m jaxft.compare: several freeze strategies on one dataset, same budget, one table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_STRATEGIES = ("head", "partial:0.8", "full", "body", "scratch")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from jaxft.config import add_config_flags, build_config, load_config_file
+    from jaxft.report import write_comparison
+    from jaxft.train import RunError, prepare_run_dir, train, user_errors
+
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxft.compare",
+        description="Run several strategies with the same data, weights, optimizer and epochs, and tabulate best "
+                    "validation accuracy, train time, trainable parameters and optimizer memory, as the PyTorch "
+                    "transfer-learning recipes do. 'scratch' is --weights none with full training.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
+    parser.add_argument("--config", help="YAML or JSON file with training flags")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("strategies", "config", "overwrite")}
+    try:
+        base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")
+        out = Path(base.out or f"runs/compare-{base.arch}-{base.data.replace(':', '_').replace('/', '_')}")
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise RunError(f"--out {out} already holds files; pass --overwrite or choose another --out")
+        rows = []
+        for name in args.strategies:
+            spec, weights = ("full", "none") if name == "scratch" else (name, base.weights)
+            cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights,
+                                "out": str(out / name.replace(":", "_"))}, {})
+            run_dir = prepare_run_dir(Path(cfg.out), overwrite=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+            print(f"== {name} -> {run_dir}")
+            summary = train(cfg, run_dir, quiet=True, log=lambda *_: None)
+            rows.append([name, f"{100 * summary['val']['accuracy']:.1f}", summary["best_epoch"],
+                         f"{summary['train_seconds']:.1f}", f"{summary['parameters']['trainable']:,}",
+                         f"{summary['optimizer_state_bytes'] / 2**20:.2f}"])
+            print(f"   best val accuracy {rows[-1][1]}% (epoch {rows[-1][2]}), {rows[-1][3]} s")
+        headers = ["strategy", "best val acc %", "best epoch", "train s", "trainable params", "optimizer state MiB"]
+        files = write_comparison(headers, rows, out, value_column="best val acc %")
+    except user_errors() as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(files["markdown"].read_text())
+    print(f"saved {files['markdown']}, {files['csv']} and {files['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
