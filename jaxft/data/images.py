@@ -21,6 +21,9 @@ from PIL import Image, ImageOps
 # torchvision.datasets.folder.IMG_EXTENSIONS, so the same files count as images.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Leading bytes of the formats above, to tell a damaged image from a file that never was one.
+_SIGNATURES = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+               b"RIFF": "WebP", b"P5": "PGM", b"P6": "PPM"}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -49,6 +52,12 @@ def load_rgb(path: os.PathLike | str) -> np.ndarray:
     return np.asarray(_open_rgb(path, draft=False))
 
 
+def _signature(path: os.PathLike | str) -> Optional[str]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((kind for magic, kind in _SIGNATURES.items() if head.startswith(magic)), None)
+
+
 def check_image(path: os.PathLike | str, size: Optional[int] = None) -> Optional[str]:
     """None when ``path`` decodes to an RGB image, else why not, in words for a warning."""
     if size is None:
@@ -61,7 +70,10 @@ def check_image(path: os.PathLike | str, size: Optional[int] = None) -> Optional
         return (f"{exc} Raise PIL.Image.MAX_IMAGE_PIXELS before opening the dataset if you trust the file, "
                 f"or shrink it")
     except Image.UnidentifiedImageError:
-        return "not an image PIL can read (wrong extension, or not an image at all)"
+        kind = _signature(path)
+        if kind:
+            return f"corrupt: starts like a {kind} file but its header cannot be parsed"
+        return "not an image: its bytes match no image format (a different file type with an image extension?)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's decoders raise all of these
         return f"corrupt or truncated ({type(exc).__name__}: {exc})"
     return None

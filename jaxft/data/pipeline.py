@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import ClassVar, Optional, Protocol, Sequence
 
 import grain
 import numpy as np
 
 from jaxft.data.split import DataError, Split
 
-Transform = Callable[[np.ndarray, Optional[np.random.Generator]], np.ndarray]
+
+class Transform(Protocol):
+    """Maps one sample; ``random`` says whether it needs a seeded ``rng`` (else it gets None)."""
+
+    random: ClassVar[bool]
+
+    def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator]) -> np.ndarray: ...
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -47,7 +53,7 @@ def _allow_unparsed_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _LoadSample:
     """grain ``map_with_index`` transform: global position and sample index -> (array, label)."""
 
@@ -64,12 +70,16 @@ class _LoadSample:
         return self.transform(image, rng), label
 
 
+def _owned(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: np.array(value) for key, value in batch.items()}
+
+
 def collate(samples: Sequence[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
     """A list of (array, label) -> ``{'image': (N, ...), 'label': int32 (N,)}``, what the engine takes."""
     return {"image": np.stack([s[0] for s in samples]), "label": np.array([s[1] for s in samples], np.int32)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Loader:
     """Batches of one split for ``num_epochs`` epochs. ``iter(loader)`` is a grain iterator
     (``get_state``/``set_state``); ``loader.dataset[k]`` is batch ``k``, computed directly."""
@@ -89,11 +99,17 @@ class Loader:
         return step // self.steps_per_epoch
 
     def __iter__(self) -> grain.DatasetIterator:
+        # grain keeps at most prefetch_buffer_size threads busy
+        read = grain.ReadOptions(num_threads=self.num_threads,
+                                 prefetch_buffer_size=max(self.prefetch, self.num_threads))
+        batches = self.dataset.to_iter_dataset(read)
         if self.num_workers:
             _allow_unparsed_absl_flags()
-        read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
-        workers = grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=self.prefetch)
-        return iter(self.dataset.to_iter_dataset(read).mp_prefetch(workers))
+            workers = grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=self.prefetch)
+            # Workers hand batches over in shared memory, released only when the array is
+            # collected (and leaked if it is still referenced at exit); a copy frees it at once.
+            batches = batches.mp_prefetch(workers).map(_owned)
+        return iter(batches)
 
 
 def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *, shuffle: bool, seed: int = 0,
@@ -123,7 +139,7 @@ def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *
     return Loader(batches.repeat(num_epochs), steps, num_epochs, num_workers, num_threads, prefetch)
 
 
-def train_loader(split: Split, transform: Transform, batch_size: int, *, seed: int = 0, num_epochs: int = 1,
+def train_loader(split: Split, transform: Optional[Transform], batch_size: int, *, seed: int = 0, num_epochs: int = 1,
                  drop_remainder: bool = True, num_workers: int = 0, num_threads: int = 1,
                  prefetch: int = 2) -> Loader:
     """Shuffled, reshuffled every epoch, augmented per (seed, epoch, sample); see the module doc."""
@@ -132,8 +148,8 @@ def train_loader(split: Split, transform: Transform, batch_size: int, *, seed: i
                        prefetch=prefetch)
 
 
-def eval_loader(split: Split, transform: Transform, batch_size: int, *, num_workers: int = 0, num_threads: int = 1,
-                prefetch: int = 2) -> Loader:
+def eval_loader(split: Split, transform: Optional[Transform], batch_size: int, *, num_workers: int = 0,
+                num_threads: int = 1, prefetch: int = 2) -> Loader:
     """One pass in order, every sample kept (the last batch may be smaller)."""
     return make_loader(split, transform, batch_size, shuffle=False, num_workers=num_workers,
                        num_threads=num_threads, prefetch=prefetch)

@@ -6,7 +6,8 @@ Specs:
   class subset relabelled 0..k-1 (class names stay the digits, ``'5'``..``'9'``).
 * ``lfw``: scikit-image's ``lfw_subset`` (face / not_face).
 * ``tfds:NAME``: a prepared TensorFlow Datasets dataset (:mod:`jaxft.data.tfds_source`).
-* anything else: a folder in ImageFolder layout (:mod:`jaxft.data.folder`).
+* anything else: a folder in ImageFolder layout (:mod:`jaxft.data.folder`); a folder named
+  like a built-in is written with its path (``./digits``).
 
 Built-ins have no test split; val is carved from all samples with the seeded stratified
 rule of :func:`jaxft.data.split.stratified_split` (keys: the sample's index in the
@@ -70,7 +71,7 @@ def open_dataset(spec: str, *, data_dir: Optional[str] = None, val_fraction: flo
         if not name:
             raise DataError("tfds: needs a dataset name, e.g. tfds:cats_vs_dogs")
         return check_trainable(open_tfds(name, data_dir, val_fraction, seed))
-    if spec.partition(":")[0] in builtin.BUILTINS and not os.path.exists(spec):
+    if spec.partition(":")[0] in builtin.BUILTINS:  # a folder of that name: write ./digits
         return check_trainable(open_builtin(spec, val_fraction, seed))
     if not os.path.exists(os.path.expanduser(spec)) and not re.search(r"[/\\~.]", spec):
         raise DataError(f"unknown dataset {spec!r}: not an existing folder, not a built-in "

@@ -25,9 +25,6 @@ from jaxft.data.split import DataError, DatasetSplits, Split, carve_val
 
 log = logging.getLogger("jaxft.data")
 
-_LABEL_CHUNK = 1024  # examples per read while collecting labels
-
-
 def _tfds():
     try:
         import tensorflow_datasets as tfds
@@ -75,8 +72,9 @@ def _feature_keys(features: Any, tfds: Any, name: str) -> tuple[str, str]:
     image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
     label_keys = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
     if not image_keys or not label_keys:
+        found = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
         raise DataError(f"tfds:{name} is not an image classification dataset jaxft can read: it needs an Image "
-                        f"and a ClassLabel feature, and has {', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())}")
+                        f"and a ClassLabel feature, and has {found}")
     if np.dtype(features[image_keys[0]].np_dtype) != np.uint8:
         raise DataError(f"tfds:{name}: image feature {image_keys[0]!r} is {features[image_keys[0]].np_dtype}, "
                         f"jaxft reads 8-bit images only")
@@ -96,10 +94,7 @@ def _labels(source: Any, label_key: str, identity: str) -> np.ndarray:
         pass
     n = len(source)
     log.info("reading the %d labels of %s once (cached in %s)", n, identity, path)
-    labels = np.empty(n, np.int64)
-    for start in range(0, n, _LABEL_CHUNK):
-        batch = source.__getitems__(list(range(start, min(n, start + _LABEL_CHUNK))))
-        labels[start:start + len(batch)] = [int(example[label_key]) for example in batch]
+    labels = np.array([int(source[i][label_key]) for i in range(n)], np.int64)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, labels)

@@ -34,9 +34,18 @@ def _pil_filter(interpolation: str) -> int:
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 HWC -> float32 ``(x / 255 - mean) / std`` (``ToTensor`` then ``Normalize``)."""
-    x = image.astype(np.float32) / np.float32(255.0)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    """uint8 HWC -> float32 ``(x / 255 - mean) / std`` (``ToTensor`` then ``Normalize``).
+
+    Computed in place as ``x * (1 / (255 std)) - mean / std``, within 1e-6 of torchvision's
+    order of operations, over rows of W*3 values: broadcasting against a last axis of 3 runs
+    numpy's inner loop three elements at a time, seven times slower."""
+    height, width, _ = image.shape
+    std64 = np.asarray(std, np.float64)
+    x = image.astype(np.float32)  # a fresh C-contiguous copy, so the reshape below is a view
+    rows = x.reshape(height, -1)
+    rows *= np.tile((1.0 / (255.0 * std64)).astype(np.float32), width)
+    rows -= np.tile((np.asarray(mean, np.float64) / std64).astype(np.float32), width)
+    return x
 
 
 def resize_shorter(image: Image.Image, size: int, resample: int) -> Image.Image:
@@ -97,10 +106,10 @@ class TrainTransform:
     def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator]) -> np.ndarray:
         top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng, self.scale, self.ratio)
         crop = Image.fromarray(image[top:top + h, left:left + w])
-        out = np.asarray(crop.resize((self.size, self.size), _pil_filter(self.interpolation)))
+        out = crop.resize((self.size, self.size), _pil_filter(self.interpolation))
         if self.flip and rng.random() < 0.5:
-            out = out[:, ::-1]
-        return normalize(out, self.mean, self.std)
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)  # flipped in PIL, not as a numpy view: stays contiguous
+        return normalize(np.asarray(out), self.mean, self.std)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""Backbone features computed once per split, so the ``head`` strategy trains on arrays.
+
+With a frozen backbone and deterministic inputs, every epoch would push the same images
+through the same backbone; computing ``model.apply(variables, x, train=False,
+pre_logits=True)`` once and training :class:`jaxft.models.head.LinearHead` on the result
+gives the same training for a fraction of the work. :func:`feature_cache_decision` says
+when that holds. Features are cached as ``.npz`` under ``<jaxft cache dir>/features/``,
+keyed by everything that changes them: the backbone's variables (the classifier's own
+parameters excluded: they do not touch the features), the model's configuration, the
+transform and the split's data fingerprint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxft.data.pipeline import Transform, eval_loader
+from jaxft.data.split import ArrayStore, Split
+from jaxft.engine import pad_batch
+from jaxft.freeze import Strategy
+
+log = logging.getLogger("jaxft.data")
+
+AUGMENT_REASON = "random augmentation changes every epoch's inputs, so features cannot be reused"
+
+
+def feature_cache_decision(model: nn.Module, strategy: Strategy, *, augment: bool,
+                           bn_policy: str = "running") -> tuple[bool, str]:
+    """(whether cached features train the same head as the full model would, and why)."""
+    if strategy.spec != "head":
+        return False, f"strategy {strategy.spec} trains backbone layers, so their features change every step"
+    if augment:
+        return False, AUGMENT_REASON
+    if bn_policy != "running":
+        return False, (f"BatchNorm policy {bn_policy!r} normalises with batch statistics while training, so a "
+                       f"sample's features depend on the rest of its batch")
+    if getattr(model, "dropout", 0.0):
+        return False, (f"the model applies dropout ({model.dropout}) to the features its classifier reads, so "
+                       f"training features are random; build it with dropout=0 to cache them")
+    return True, "the backbone is frozen and the inputs are deterministic: features are computed once per split"
+
+
+def _tree_digest(digest: Any, tree: Mapping[str, Any]) -> None:
+    for path, leaf in sorted(traverse_util.flatten_dict(dict(tree), sep="/").items()):
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{path}:{array.dtype}:{array.shape}\n".encode())
+        digest.update(np.ascontiguousarray(array).data)
+
+
+def feature_key(model: nn.Module, variables: Mapping[str, Any], transform: Transform, split: Split) -> str:
+    """A digest of everything the features of ``split`` depend on (see the module doc)."""
+    digest = hashlib.sha256(f"{repr(model)}\n{repr(transform)}\n{split.fingerprint()}\n".encode())
+    for collection, tree in sorted(variables.items()):
+        digest.update(f"[{collection}]\n".encode())
+        _tree_digest(digest, {k: v for k, v in tree.items() if k != model.head_name})
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Features:
+    """Backbone features of one split: float32 (N, F) and int32 labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    key: str
+    from_cache: bool
+
+    def as_split(self, name: str) -> Split:
+        """The features as a :class:`Split`, for ``train_loader(split, None, ...)``."""
+        return Split(ArrayStore(self.features), np.arange(len(self.labels)), self.labels.astype(np.int64),
+                     self.classes, name)
+
+
+def default_feature_dir() -> Path:
+    from jaxft.source_checkpoint import cache_dir
+
+    return cache_dir() / "features"
+
+
+def _save(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
+            np.savez(tmp, features=features, labels=labels)
+        os.replace(tmp.name, path)
+    except OSError as exc:
+        log.warning("could not cache features at %s (%s); they will be computed again next time", path, exc)
+
+
+@functools.lru_cache(maxsize=8)
+def _pre_logits_fn(model: nn.Module):
+    # One jitted function per model (modules hash by configuration), so train, val and test
+    # splits share its compilation.
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False, pre_logits=True))
+
+
+def extract_features(model: nn.Module, variables: Mapping[str, Any], split: Split, transform: Transform, *,
+                     batch_size: int = 64, cache_dir: Optional[Path] = None, num_workers: int = 0) -> Features:
+    """``pre_logits`` features of every sample of ``split``, from the cache when present.
+
+    ``transform`` must be deterministic (an evaluation transform). Every batch is padded to
+    ``batch_size`` so the jitted backbone compiles once."""
+    if transform.random:
+        raise ValueError(f"features can only be cached for a deterministic transform: {AUGMENT_REASON}")
+    key = feature_key(model, variables, transform, split)
+    path = (cache_dir or default_feature_dir()) / f"{key}.npz"
+    try:
+        with np.load(path) as cached:
+            return Features(cached["features"], cached["labels"], split.classes, key, from_cache=True)
+    except (OSError, ValueError, KeyError):
+        pass  # absent or unreadable: compute
+
+    forward = _pre_logits_fn(model)
+    chunks, labels = [], []
+    for batch in eval_loader(split, transform, batch_size, num_workers=num_workers):
+        n = len(batch["label"])
+        padded, _ = pad_batch(batch, batch_size)
+        chunks.append(np.asarray(forward(variables, padded["image"]))[:n])
+        labels.append(batch["label"])
+    features, labels = np.concatenate(chunks).astype(np.float32), np.concatenate(labels).astype(np.int32)
+    _save(path, features, labels)
+    return Features(features, labels, split.classes, key, from_cache=False)
