@@ -107,21 +107,23 @@ def check_resumable(path: Path) -> None:
 
 
 def environment() -> dict[str, Any]:
-    import flax
+    from importlib.metadata import PackageNotFoundError, version
+
     import jax
-    import optax
-    import orbax.checkpoint as ocp
-    import torch
 
-    import jaxft
+    def installed(name: str) -> Optional[str]:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
+    packages = ("jaxft", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "torch", "torchvision",
+                "numpy", "tensorflow-datasets")
     return {
         "command": sys.argv,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {"jaxft": jaxft.__version__, "jax": jax.__version__, "flax": flax.__version__,
-                     "optax": optax.__version__, "orbax": ocp.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__},
+        "versions": {name: installed(name) for name in packages},
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
@@ -205,7 +207,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
+    from jaxft.data.features import extract_features, feature_cache_decision
     from jaxft.data.pipeline import eval_loader, train_loader
+    from jaxft.models.head import head_for
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
     from jaxft.engine import Engine, StepStats
@@ -218,6 +222,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     strategy = parse_strategy(cfg.strategy)
     splits = open_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_split, seed=cfg.seed)
     log(splits.summary())
+    if resume:
+        trained = json.loads((run_dir / "model.json").read_text())
+        if trained["classes"] != list(splits.classes):
+            raise RunError(f"--resume {run_dir}: the run was trained on {trained['num_classes']} classes "
+                           f"({', '.join(trained['classes'][:5])}...) but {cfg.data} now has {len(splits.classes)} "
+                           f"({', '.join(splits.classes[:5])}...); start a new run instead")
     weights = resolve_weights(cfg, log)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     model, variables, info = load_pretrained(cfg.arch, weights, num_classes=len(splits.classes), seed=cfg.seed,
@@ -225,24 +235,60 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     log(f"model {cfg.arch}: {info.param_count:,} parameters, weights from {info.meta.source}"
         + (f"; new head ({', '.join(info.replaced_keys)})" if info.replaced_keys else ""))
     train_t, eval_t = transforms_for(info.meta.preprocessing, cfg.image_size, cfg.augmentation())
-    loader = train_loader(splits.train, train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
-                          num_workers=cfg.workers)
-    val_loader = eval_loader(splits.val, eval_t, max(cfg.batch_size, 64), num_workers=cfg.workers)
-    test_loader = (eval_loader(splits.test, eval_t, max(cfg.batch_size, 64), num_workers=cfg.workers)
-                   if splits.test is not None else None)
+    full_labels = strategy.labels(model, variables["params"])
+    log(describe(full_labels, variables["params"], strategy))
+
+    # The head strategy on deterministic inputs trains a LinearHead on backbone features
+    # computed once per split (and cached on disk), instead of running the frozen backbone
+    # every step; the head it trains is the same.
+    use_features, reason = feature_cache_decision(model, strategy, augment=cfg.augmentation(),
+                                                  bn_policy=cfg.bn_frozen)
+    if strategy.name == "head":
+        log(f"feature cache {'on' if use_features else 'off'}: {reason}")
+    head = model.head_name
+    if use_features:
+        parts = {name: split for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+                 if split is not None}
+        features = {name: extract_features(model, variables, split, eval_t, batch_size=max(cfg.batch_size, 64),
+                                           num_workers=cfg.workers) for name, split in parts.items()}
+        log("features: " + ", ".join(f"{name} {'from cache' if f.from_cache else 'computed'}"
+                                     for name, f in features.items()))
+        data = {"test": None, **{name: f.as_split(name) for name, f in features.items()}}
+        train_t = eval_t_engine = None
+        engine_model = head_for(model, features["train"].features.shape[1])
+        engine_variables = {"params": {head: variables["params"][head]}}
+        engine_strategy = parse_strategy("full")
+    else:
+        data = {"train": splits.train, "val": splits.val, "test": splits.test}
+        eval_t_engine, engine_model, engine_variables, engine_strategy = eval_t, model, variables, strategy
+
+    def full_variables(state_variables: dict[str, Any]) -> dict[str, Any]:
+        """The whole model's variables (best/ and exports hold the whole model)."""
+        if not use_features:
+            return state_variables
+        return {**variables, "params": {**variables["params"], head: state_variables["params"][head]}}
+
+    def engine_part(whole: dict[str, Any]) -> dict[str, Any]:
+        return {"params": {head: whole["params"][head]}, "batch_stats": {}} if use_features else whole
+
+    loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
+                          num_workers=0 if use_features else cfg.workers)
+    eval_batch = max(cfg.batch_size, 64)
+    val_loader = eval_loader(data["val"], eval_t_engine, eval_batch, num_workers=0 if use_features else cfg.workers)
+    test_loader = (eval_loader(data["test"], eval_t_engine, eval_batch,
+                               num_workers=0 if use_features else cfg.workers) if data["test"] is not None else None)
     steps_per_epoch, total_steps = loader.steps_per_epoch, len(loader)
     optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
                         int(cfg.warmup_epochs * steps_per_epoch), cfg.clip_grad)
     schedule = learning_rate_schedule(optim, total_steps)
-    engine = Engine(model, variables, strategy, optim, total_steps=total_steps, bn_policy=cfg.bn_frozen,
-                    label_smoothing=cfg.label_smoothing, lr_rules=cfg.lr_rules(), layer_decay=cfg.layer_decay,
-                    seed=cfg.seed, on_padding=log)
-    log(describe(engine.labels, variables["params"], strategy))
+    engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=total_steps,
+                    bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=cfg.lr_rules(),
+                    layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log)
 
     if not resume:
         write_json(run_dir / "model.json", {
             "arch": cfg.arch, "num_classes": len(splits.classes), "classes": list(splits.classes),
-            "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size,
+            "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
             "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": info.meta.source})
 
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
@@ -280,7 +326,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
         with InterruptFlag() as interrupt:
             for epoch in range(progress.epoch, cfg.epochs):
                 if engine.set_epoch(epoch):
-                    log(describe(engine.labels, variables["params"], strategy))
+                    log(describe(strategy.labels(model, variables["params"], epoch), variables["params"], strategy))
                 running = StepStats(*progress.train_sums)
                 bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=True if quiet else None, leave=False, unit="step")
@@ -319,7 +365,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                 if improved:
                     progress.best_accuracy, progress.best_epoch = stats.accuracy, epoch + 1
                     _replace_dir(run_dir / "best", lambda tmp: save_variables(
-                        tmp, engine.state.variables, json.loads((run_dir / "model.json").read_text())))
+                        tmp, full_variables(engine.state.variables), json.loads((run_dir / "model.json").read_text())))
                 record_eval(epoch + 1, record)
                 log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running.loss:.4f} acc {running.accuracy:.4f} | "
                     f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
@@ -335,6 +381,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     from jaxft.checkpoint import load_variables
 
     best_vars, _ = load_variables(run_dir / "best")
+    best_vars = engine_part(best_vars)
     engine.state = engine.state.replace(params=best_vars["params"], batch_stats=best_vars.get("batch_stats", {}))
     summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data,
                                "strategy": strategy.spec, "bn_frozen": cfg.bn_frozen, "classes": list(splits.classes),
@@ -354,7 +401,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                        f"{cfg.arch} {strategy.spec}: {name} (best epoch {progress.best_epoch})")
     summary["before_training"] = {"val_loss": progress.history[0]["val_loss"],
                                   "val_accuracy": progress.history[0]["val_accuracy"]}
-    rows = summarize(engine.labels, variables["params"])
+    rows = summarize(full_labels, variables["params"])
     summary["parameters"] = {"total": sum(r[2] for r in rows),
                              "trainable": sum(r[2] for r in rows if r[0] != FROZEN)}
     summary["optimizer_state_bytes"] = engine.optimizer_state_bytes()
@@ -362,6 +409,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     summary["train_seconds"] = round(progress.train_seconds, 2)
     summary["images_per_sec"] = round(progress.images_seen / max(progress.train_seconds, 1e-9), 1)
     summary["devices"] = engine.devices
+    summary["feature_cache"] = {"used": use_features, "reason": reason} if strategy.name == "head" else None
     write_json(run_dir / "summary.json", summary)
     plot_curves([r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
                 run_dir / "plots" / "curves.png")
@@ -417,6 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "quiet")}
+    created: Optional[Path] = None
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -430,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file_values = load_config_file(args.config) if args.config else {}
             cfg = build_config(file_values, flags, args.config or "flags")
             run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg), args.overwrite)
-            cfg.out = str(run_dir)
+            created, cfg.out = run_dir, str(run_dir)
             (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
         print(f"run directory: {run_dir}")
@@ -440,6 +489,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 130
     except user_errors() as exc:
+        if created is not None and not (created / "checkpoints").exists():
+            shutil.rmtree(created, ignore_errors=True)  # this invocation made it and trained nothing
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed

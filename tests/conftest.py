@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,19 +19,26 @@ def offline_torch_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def source_checkpoint(tmp_path_factory):
+def jaxft_cache(tmp_path_factory):
+    """A JAXFT_CACHE shared by this run's xdist workers (and the CLIs they start)."""
+    return tmp_path_factory.getbasetemp().parent / "jaxft_cache"
+
+
+@pytest.fixture(scope="session")
+def source_checkpoint(jaxft_cache):
     """The offline source checkpoint (resnet18 trained in PyTorch on digits 0-4), built once
-    per test run and shared by xdist workers through a lock."""
+    per test run where `--weights source` looks for it, shared by xdist workers through a lock."""
     from filelock import FileLock
 
-    from jaxft.source_checkpoint import SourceRecipe, build_source_checkpoint
+    from jaxft.source_checkpoint import SourceRecipe, build_source_checkpoint, default_source_path
 
-    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this run
-    path = shared / "source" / "resnet18_digits0-4.pth"
+    recipe = SourceRecipe()
+    os.environ["JAXFT_CACHE"] = str(jaxft_cache)
+    path = default_source_path(recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
-            build_source_checkpoint(path, SourceRecipe(), log=lambda *_: None)
+            build_source_checkpoint(path, recipe, log=lambda *_: None)
     return path
 
 

@@ -1,0 +1,235 @@
+"""python -m jaxft.train, predict, compare and export, run as a user runs them: subprocesses on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+# Small and fast: digits 5-9 at 32 px, two epochs of 22 steps.
+FAST = ["--epochs", "2", "--batch-size", "32", "--strategy", "partial:0.8", "--quiet"]
+
+
+def cli(module: str, *args, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def env(source_checkpoint, jaxft_cache, tmp_path):
+    """The CLI's environment: the test run's source checkpoint cache, no torch downloads."""
+    return {**os.environ, "JAXFT_CACHE": str(jaxft_cache), "TORCH_HOME": str(tmp_path / "torch_home"),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+
+
+def assert_run_outputs(run: Path, classes: int) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["classes"]) == classes
+    for split in ("val",):
+        assert 0.0 <= summary[split]["accuracy"] <= 1.0 and summary[split]["loss"] > 0
+        assert len(summary[split]["per_class_accuracy"]) == classes
+        assert np.array(summary[split]["confusion_matrix"]).sum() == summary[split]["samples"]
+    assert summary["images_per_sec"] > 0 and summary["wall_seconds"] > 0 and summary["best_epoch"] >= 1
+    for plot in ("curves.png", "confusion_val.png"):
+        assert (run / "plots" / plot).stat().st_size > 5000  # a real image, not an empty file
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(summary["epochs"] + 1))
+    assert {"config.json", "environment.json", "model.json"} <= {p.name for p in run.iterdir()}
+    return summary
+
+
+def test_default_digits_run_learns_and_exports(env, tmp_path):
+    run = tmp_path / "run"
+    result = cli("jaxft.train", *FAST, "--out", run, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best val accuracy" in result.stdout
+    summary = assert_run_outputs(run, classes=5)
+    assert summary["val"]["accuracy"] > 0.8  # the source backbone transfers: digits 5-9 learn fast
+    assert summary["val"]["accuracy"] > summary["before_training"]["val_accuracy"] + 0.3
+    assert summary["parameters"]["trainable"] < summary["parameters"]["total"]  # partial:0.8 froze some
+
+    # checkpoints restorable: the latest, through orbax, into the same structure
+    from jaxft.checkpoint import RunCheckpoints
+
+    ckpts = RunCheckpoints(run / "checkpoints", read_only=True)
+    assert ckpts.latest_step() == summary["steps"]
+    assert ckpts.progress(ckpts.latest_step())["epoch"] == 2
+
+    # export to torchvision: strict load, same predictions as jaxft predict
+    exported = tmp_path / "finetuned.pth"
+    result = cli("jaxft.convert", "--to-torch", run, "--out", exported, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch_model = torchvision.models.resnet18(num_classes=5)
+    torch_model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    torch_model.eval()
+
+    from PIL import Image
+
+    from jaxft.data.builtin import digits
+    from jaxft.data.transforms import EvalTransform
+
+    images, labels, _ = digits(range(5, 10))
+    paths = []
+    for i in (0, 1, 2):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(images[i]).save(paths[-1])
+    result = cli("jaxft.predict", *paths, "--checkpoint", run, "--top-k", "2", "--json", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads(result.stdout)
+    info = json.loads((run / "model.json").read_text())
+    transform = EvalTransform(info["resize_size"], info["image_size"], tuple(info["mean"]), tuple(info["std"]))
+    x = torch.from_numpy(np.stack([transform(images[i]) for i in (0, 1, 2)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        probabilities = torch.softmax(torch_model(x), -1).numpy()
+    for row, prediction in zip(probabilities, predictions):
+        best = prediction["top_k"][0]
+        assert best["class"] == info["classes"][int(row.argmax())]
+        assert best["probability"] == pytest.approx(float(row.max()), abs=1e-4)
+
+
+def test_lfw_and_a_real_image_folder(env, tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+
+    # a small real folder: crops of scikit-image's photographs, two classes
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for name, image in (("astronaut", skdata.astronaut()), ("coffee", skdata.coffee())):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            y, x = rng.integers(0, 200, 2)
+            Image.fromarray(image[y:y + 200, x:x + 200]).save(root / name / f"{i}.jpg")
+    for data, classes in (("lfw", 2), (root, 2)):
+        run = tmp_path / f"run_{Path(str(data)).name}"
+        result = cli("jaxft.train", "--data", data, "--epochs", "2", "--batch-size", "16", "--strategy", "head",
+                     "--image-size", "32", "--out", run, "--quiet", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = assert_run_outputs(run, classes)
+        assert summary["val"]["samples"] > 0
+
+
+def test_same_seed_twice_gives_identical_metrics(env, tmp_path):
+    summaries = []
+    for name in ("a", "b"):
+        result = cli("jaxft.train", *FAST, "--epochs", "1", "--out", tmp_path / name, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    for key in ("train", "val"):
+        assert summaries[0][key]["loss"] == summaries[1][key]["loss"]
+        assert summaries[0][key]["accuracy"] == summaries[1][key]["accuracy"]
+
+
+def _kill_when(proc: subprocess.Popen, run: Path, trigger: str, delay: float) -> None:
+    """SIGKILL ``proc`` once it is training (``delay`` s after the first step is logged) or, for
+    ``trigger == 'save'``, the moment orbax starts writing a checkpoint after the first one."""
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if trigger == "save":
+            tmp = list((run / "checkpoints").glob("*tmp*")) if (run / "checkpoints").exists() else []
+            done = [p for p in (run / "checkpoints").glob("[0-9]*")] if (run / "checkpoints").exists() else []
+            if tmp and done:
+                break
+            time.sleep(0.005)
+        else:
+            if metrics.exists() and '"event": "step"' in metrics.read_text():
+                time.sleep(delay)
+                break
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
+    args = [*FAST, "--save-every", "4", "--log-every", "2"]
+    reference = tmp_path / "reference"
+    result = cli("jaxft.train", *args, "--out", reference, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads((reference / "summary.json").read_text())
+
+    rng = random.Random(0)
+    for trial, trigger in enumerate(("time", "save", "time")):
+        run = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, "--out", str(run)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _kill_when(proc, run, trigger, delay=rng.uniform(0.5, 6.0))
+        assert not (run / "summary.json").exists(), "killed too late: the run had finished"
+        result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
+        if "has no checkpoint yet" in result.stderr:  # killed before the first save: start again
+            continue
+        assert result.returncode == 0, f"trial {trial}: {result.stderr[-3000:]}"
+        resumed = json.loads((run / "summary.json").read_text())
+        for key in ("train", "val"):
+            assert resumed[key]["loss"] == pytest.approx(expected[key]["loss"], rel=1e-6), (trial, key)
+            assert resumed[key]["accuracy"] == expected[key]["accuracy"], (trial, key)
+        assert resumed["best_epoch"] == expected["best_epoch"] and resumed["steps"] == expected["steps"]
+        assert not list((run / "checkpoints").glob("*tmp*")), "a temporary checkpoint was left behind"
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "step"]
+        assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
+
+
+def test_compare_table(env, tmp_path):
+    out = tmp_path / "compare"
+    result = cli("jaxft.compare", "--strategies", "head", "scratch", "--epochs", "1", "--batch-size", "64",
+                 "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "comparison.md").read_text()
+    assert table.splitlines()[0].startswith("| strategy") and "| head" in table and "| scratch" in table
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert len(rows) == 3 and (out / "comparison.png").stat().st_size > 5000
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def _one_clear_line(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+
+
+def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
+    run = tmp_path / "existing"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "keep.txt").write_text("precious")
+    empty = tmp_path / "empty_folder"
+    (empty / "cats").mkdir(parents=True)
+    (empty / "dogs").mkdir()
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    other_arch = tmp_path / "vgg11.pth"
+    torch.save(torchvision.models.vgg11(num_classes=3).state_dict(), other_arch)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+
+    cases = [
+        (["--data", tmp_path / "no_such_folder"], "no_such_folder"),
+        (["--data", empty], "no usable images"),
+        (["--config", bad_config], "'learning_rate'"),
+        (["--resume", tmp_path], "not a jaxft run directory"),
+        (["--weights", other_arch, "--epochs", "1"], "looks like a vgg11"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--out", run], "--overwrite"),
+        (["--strategy", "partial:2"], "(0, 1]"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--out", readonly / "run"], "cannot write"))
+    for args, needle in cases:
+        result = cli("jaxft.train", *args, "--quiet", *([] if "--out" in args or "--resume" in args else
+                                                         ["--out", tmp_path / "new_run"]), env=env)
+        _one_clear_line(result, needle)
+    assert (run / "keep.txt").read_text() == "precious" and sorted(p.name for p in run.iterdir()) == [
+        "config.json", "keep.txt"]
