@@ -26,7 +26,10 @@ def linear_bias_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """What every torchvision residual block is configured with; ``conv``/``norm`` are the
+    layer constructors with the model's defaults bound."""
+
     planes: int
     stride: int
     downsample: bool
@@ -34,6 +37,9 @@ class BasicBlock(nn.Module):
     norm: Any
     groups: int = 1
     base_width: int = 64
+
+
+class BasicBlock(ResidualBlock):
     expansion = 1
 
     @nn.compact
@@ -49,16 +55,9 @@ class BasicBlock(nn.Module):
         return nn.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """torchvision's Bottleneck: the stride sits on the 3x3 conv (ResNet v1.5)."""
 
-    planes: int
-    stride: int
-    downsample: bool
-    conv: Any
-    norm: Any
-    groups: int = 1
-    base_width: int = 64
     expansion = 4
 
     @nn.compact
