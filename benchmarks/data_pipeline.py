@@ -156,6 +156,30 @@ def bench_head(epochs: int, batch_size: int, image_size: int, repeats: int) -> l
             for k in contenders]
 
 
+def bench_consumption(batch_size: int, repeats: int, archs=("resnet18", "resnet50"),
+                      specs=("full", "head")) -> list[list]:
+    """How fast the train step eats 224 px images (images/s): what the loader has to keep up with."""
+    import numpy as np
+
+    from jaxft import create_model
+    from jaxft.engine import Engine
+    from jaxft.freeze import parse_strategy
+    from jaxft.pretrained import init_variables
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, batch_size)}
+    rows = []
+    for arch in archs:
+        model = create_model(arch, num_classes=10)
+        variables = init_variables(model)
+        for spec in specs:
+            engine = Engine(model, variables, parse_strategy(spec))
+            seconds = interleaved_medians({"step": lambda: engine.train_step(batch)}, repeats)["step"]
+            rows.append([arch, spec, f"{batch_size / seconds:.1f}"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
@@ -175,6 +199,7 @@ def main() -> None:
         loader_rows = [bench_loaders(Path(images), w, args.batch_size, args.loader_epochs, args.repeats)
                        for w in args.workers]
         head_rows = bench_head(args.epochs, args.batch_size, args.head_image_size, args.repeats)
+        consumption_rows = bench_consumption(args.batch_size, args.repeats)
     print(f"# data pipeline; {machine_line()}\n")
     print(f"## decode + RandomResizedCrop 224 + flip + normalize: {args.images} JPEGs, batch {args.batch_size}, "
           f"{args.loader_epochs} epochs per run\n")
@@ -183,6 +208,8 @@ def main() -> None:
     print(f"\n## head strategy: resnet18 frozen, digits 5-9 at {args.head_image_size}px, {args.epochs} epochs, "
           f"batch {args.batch_size}\n")
     print_table(["route", "seconds", "speed-up", "final loss"], head_rows)
+    print(f"\n## what the train step consumes: 224 px, batch {args.batch_size}, Adam, images/s\n")
+    print_table(["arch", "strategy", "train step img/s"], consumption_rows)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def load_pretrained(
     num_classes = num_classes or source_classes or 1000
     model = create_model(arch, num_classes=num_classes, **model_kwargs)
     replaced: list[str] = []
+    as_loaded = state_dict
     if new_head if new_head is not None else (source_classes is not None and source_classes != num_classes):
         fresh = variables_to_state_dict(model, init_variables(model, seed))
         head = torch_module_name((model.head_name,)) + "."
@@ -75,5 +76,5 @@ def load_pretrained(
         meta.categories = None  # the new head's classes are the dataset's, not the checkpoint's
     elif meta.categories is None and num_classes == 1000:
         meta.categories = imagenet_categories()
-    variables = state_dict_to_variables(model, state_dict, arch)
+    variables = state_dict_to_variables(model, state_dict, arch, as_loaded)
     return model, variables, PretrainedInfo(arch, num_classes, meta, replaced, count_params(variables))

@@ -181,8 +181,12 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
-def state_dict_to_variables(model: nn.Module, state_dict: Mapping[str, Any], arch: str = "") -> Variables:
-    """Map a torchvision state_dict onto ``model``'s variables; strict on keys and shapes."""
+def state_dict_to_variables(model: nn.Module, state_dict: Mapping[str, Any], arch: str = "",
+                            as_loaded: Optional[Mapping[str, Any]] = None) -> Variables:
+    """Map a torchvision state_dict onto ``model``'s variables; strict on keys and shapes.
+
+    ``as_loaded``: the state_dict as the user gave it, before a new head was put in, so that
+    a mismatch is diagnosed (which arch it looks like) on the user's own keys."""
     state_dict = strip_prefix(state_dict)
     layout = model_layout(model)
     filled: dict[Leaf, np.ndarray] = {}
@@ -213,7 +217,7 @@ def state_dict_to_variables(model: nn.Module, state_dict: Mapping[str, Any], arc
             problems.append(_listing("unexpected keys", unexpected))
         if mismatched:
             problems.append(_listing("shape mismatches", mismatched, limit=4))
-        guesses = [a for a in guess_arch(state_dict) if a != arch] if (missing or unexpected) else []
+        guesses = [a for a in guess_arch(as_loaded or state_dict) if a != arch] if (missing or unexpected) else []
         if guesses:
             problems.append(f"it looks like a {' or '.join(guesses)} state_dict: pass that arch instead")
         elif mismatched and not (missing or unexpected):
