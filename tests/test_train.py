@@ -129,8 +129,8 @@ def test_same_seed_twice_gives_identical_metrics(env, tmp_path):
         assert summaries[0][key]["accuracy"] == summaries[1][key]["accuracy"]
 
 
-def _kill_when(proc: subprocess.Popen, run: Path, trigger: str, delay: float) -> None:
-    """SIGKILL ``proc`` once it is training (``delay`` s after the first step is logged) or, for
+def _kill_when(proc: subprocess.Popen, run: Path, trigger: str, delay: float, sig=signal.SIGKILL) -> None:
+    """Send ``sig`` (SIGKILL) to ``proc`` once it is training (``delay`` s after the first step is logged) or, for
     ``trigger == 'save'``, the moment orbax starts writing a checkpoint after the first one."""
     deadline = time.time() + 300
     metrics = run / "metrics.jsonl"
@@ -146,8 +146,8 @@ def _kill_when(proc: subprocess.Popen, run: Path, trigger: str, delay: float) ->
                 time.sleep(delay)
                 break
             time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
@@ -158,11 +158,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
     expected = json.loads((reference / "summary.json").read_text())
 
     rng = random.Random(0)
-    for trial, trigger in enumerate(("time", "save", "time")):
+    for trial, trigger in enumerate(("time", "save", "time", "ctrl-c")):
         run = tmp_path / f"killed{trial}"
         proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, "--out", str(run)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _kill_when(proc, run, trigger, delay=rng.uniform(0.5, 6.0))
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if trigger == "ctrl-c":  # SIGINT: finish the step, checkpoint, exit 130 with the resume command
+            _kill_when(proc, run, "time", delay=1.0, sig=signal.SIGINT)
+            assert proc.returncode == 130 and "--resume" in proc.stderr.read()
+        else:
+            _kill_when(proc, run, trigger, delay=rng.uniform(0.5, 6.0))
+        proc.stderr.close()
         assert not (run / "summary.json").exists(), "killed too late: the run had finished"
         result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
         if "has no checkpoint yet" in result.stderr:  # killed before the first save: start again
@@ -211,6 +216,10 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
     bad_config.write_text("epochs: 1\nlearning_rate: 0.1\n")
     other_arch = tmp_path / "vgg11.pth"
     torch.save(torchvision.models.vgg11(num_classes=3).state_dict(), other_arch)
+    changed = tmp_path / "changed_classes"  # a run trained on other classes than its data has now
+    (changed / "checkpoints").mkdir(parents=True)
+    (changed / "config.json").write_text(json.dumps({"data": "digits:5-9", "epochs": 1}))
+    (changed / "model.json").write_text(json.dumps({"num_classes": 2, "classes": ["cat", "dog"]}))
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o500)
@@ -220,6 +229,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
         (["--data", empty], "no usable images"),
         (["--config", bad_config], "'learning_rate'"),
         (["--resume", tmp_path], "not a jaxft run directory"),
+        (["--resume", changed], "trained on 2 classes"),
         (["--weights", other_arch, "--epochs", "1"], "looks like a vgg11"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--out", run], "--overwrite"),
