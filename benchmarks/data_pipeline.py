@@ -175,7 +175,7 @@ def bench_consumption(batch_size: int, repeats: int, archs=("resnet18", "resnet5
         variables = init_variables(model)
         for spec in specs:
             engine = Engine(model, variables, parse_strategy(spec))
-            seconds = interleaved_medians({"step": lambda: engine.train_step(batch)}, repeats)["step"]
+            seconds = interleaved_medians({"step": lambda e=engine: e.train_step(batch)}, repeats)["step"]
             rows.append([arch, spec, f"{batch_size / seconds:.1f}"])
     return rows
 

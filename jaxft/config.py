@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from jaxft.engine import BN_POLICIES
 from jaxft.models import ARCHS

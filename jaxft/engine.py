@@ -9,7 +9,6 @@ BatchNorm statistics are then global-batch statistics, so 1 and N devices agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 

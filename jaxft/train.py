@@ -202,7 +202,6 @@ def resolve_weights(cfg: TrainConfig, log: Callable[[str], None]) -> Any:
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
           quiet: bool = False) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
-    import jax
     import jax.numpy as jnp
     from tqdm import tqdm
 

@@ -36,7 +36,7 @@ def main() -> None:
         torch_model = torch_reference(arch, num_classes=10)
         variables = from_torch(arch, torch_model.state_dict())
         model = create_model(arch, num_classes=10)
-        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        apply = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
         errors = []
         for h, w in sizes:
             x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))

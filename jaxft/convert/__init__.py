@@ -63,8 +63,8 @@ def model_layout(model: nn.Module) -> "OrderedDict[Leaf, tuple[int, ...]]":
     for collection, path in order:
         layout[(collection, path)] = tuple(traverse_util.flatten_dict(shapes[collection])[path].shape)
     # torch lists a module's parameters then its buffers: weight, bias, running_mean, running_var.
-    module_rank = {}
-    for collection, path in layout:
+    module_rank: dict[tuple[str, ...], int] = {}
+    for _, path in layout:
         module_rank.setdefault(path[:-1], len(module_rank))
     return OrderedDict(sorted(layout.items(), key=lambda kv: (module_rank[kv[0][1][:-1]], kv[0][0] != "params")))
 
