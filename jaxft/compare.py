@@ -14,7 +14,7 @@ DEFAULT_STRATEGIES = ("head", "partial:0.8", "full", "body", "scratch")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from jaxft.config import add_config_flags, build_config, load_config_file
     from jaxft.report import write_comparison
-    from jaxft.train import RunError, prepare_run_dir, train, user_errors
+    from jaxft.train import RunError, crop_size_of, prepare_run_dir, train, user_errors
 
     parser = argparse.ArgumentParser(
         prog="python -m jaxft.compare",
@@ -33,10 +33,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(base.out or f"runs/compare-{base.arch}-{base.data.replace(':', '_').replace('/', '_')}")
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise RunError(f"--out {out} already holds files; pass --overwrite or choose another --out")
+        # Every strategy sees the same images: scratch (no weights) would otherwise fall back to
+        # ImageNet's 224 px while the others use their weights' size.
+        image_size = base.image_size or crop_size_of(base)
         rows = []
         for name in args.strategies:
             spec, weights = ("full", "none") if name == "scratch" else (name, base.weights)
-            cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights,
+            cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights, "image_size": image_size,
                                 "out": str(out / name.replace(":", "_"))}, {})
             run_dir = prepare_run_dir(Path(cfg.out), overwrite=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")

@@ -199,6 +199,21 @@ def resolve_weights(cfg: TrainConfig, log: Callable[[str], None]) -> Any:
     return None if cfg.weights.lower() in ("none", "scratch", "random") else cfg.weights
 
 
+def crop_size_of(cfg: TrainConfig) -> int:
+    """The crop size ``cfg``'s weights were trained at, without loading them."""
+    from jaxft.weights import Preprocessing, preprocessing_of, sidecar_meta, weights_enum
+
+    if cfg.weights == "source":
+        from jaxft.source_checkpoint import SourceRecipe
+
+        return SourceRecipe().image_size
+    if cfg.weights.lower() in ("none", "scratch", "random"):
+        return Preprocessing().crop_size
+    if os.path.exists(cfg.weights):
+        return sidecar_meta(Path(cfg.weights)).preprocessing.crop_size
+    return preprocessing_of(weights_enum(cfg.arch, cfg.weights)).crop_size
+
+
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
           quiet: bool = False) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
