@@ -135,9 +135,6 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
         ocp = self._ocp

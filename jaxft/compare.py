@@ -12,9 +12,10 @@ DEFAULT_STRATEGIES = ("head", "partial:0.8", "full", "body", "scratch")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from jaxft.config import add_config_flags, build_config, load_config_file
+    from jaxft.config import add_config_flags, build_config, config_to_dict, load_config_file
+    from jaxft.freeze import parse_strategy
     from jaxft.report import write_comparison
-    from jaxft.train import RunError, crop_size_of, prepare_run_dir, train, user_errors
+    from jaxft.train import RunError, StopRequested, crop_size_of, prepare_run_dir, train, user_errors
 
     parser = argparse.ArgumentParser(
         prog="python -m jaxft.compare",
@@ -30,7 +31,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("strategies", "config", "overwrite")}
     try:
         base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")
+        for name in args.strategies:  # every spec checked before hours of training start
+            if name != "scratch":
+                parse_strategy(name)
         out = Path(base.out or f"runs/compare-{base.arch}-{base.data.replace(':', '_').replace('/', '_')}")
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise RunError(f"--out {out} already holds files; pass --overwrite or choose another --out")
         # Every strategy sees the same images: scratch (no weights) would otherwise fall back to
@@ -42,15 +48,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights, "image_size": image_size,
                                 "out": str(out / name.replace(":", "_"))}, {})
             run_dir = prepare_run_dir(Path(cfg.out), overwrite=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+            (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             print(f"== {name} -> {run_dir}")
-            summary = train(cfg, run_dir, quiet=True, log=lambda *_: None)
+            try:
+                summary = train(cfg, run_dir, quiet=True, log=lambda *_: None)
+            except FloatingPointError as exc:  # a diverging run is a result too: keep the table
+                print(f"   failed: {exc}")
+                rows.append([name, "nan", "-", "-", "-", "-"])
+                continue
             rows.append([name, f"{100 * summary['val']['accuracy']:.1f}", summary["best_epoch"],
                          f"{summary['train_seconds']:.1f}", f"{summary['parameters']['trainable']:,}",
                          f"{summary['optimizer_state_bytes'] / 2**20:.2f}"])
             print(f"   best val accuracy {rows[-1][1]}% (epoch {rows[-1][2]}), {rows[-1][3]} s")
         headers = ["strategy", "best val acc %", "best epoch", "train s", "trainable params", "optimizer state MiB"]
         files = write_comparison(headers, rows, out, value_column="best val acc %")
+    except StopRequested:
+        print("interrupted: the current strategy's run is checkpointed; no table written", file=sys.stderr)
+        return 130
     except user_errors() as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -82,6 +83,13 @@ class TrainConfig:
             raise ConfigError(f"--image-size must be at least 16 px, got {self.image_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        self.lr_rules()  # parses and compiles the patterns: a bad one is a ConfigError now
         if self.arch not in ARCHS:
             from jaxft.models import check_arch
 
@@ -102,8 +110,11 @@ class TrainConfig:
             pattern, _, mult = rule.rpartition("=")
             try:
                 rules.append((pattern, float(mult)))
+                re.compile(pattern)
             except ValueError:
                 raise ConfigError(f"--lr-mult rule {rule!r} must be PATTERN=MULTIPLIER, e.g. 'fc/.*=10'") from None
+            except re.error as exc:
+                raise ConfigError(f"--lr-mult rule {rule!r}: invalid regular expression ({exc})") from None
         return rules
 
 
@@ -116,8 +127,13 @@ _TYPES = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": f
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     """A config-file value as its field's type; a wrong type names the key."""
-    kind = _TYPES.get(str(CONFIG_FIELDS[key].type), str)
-    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+    type_name = str(CONFIG_FIELDS[key].type)
+    kind = _TYPES.get(type_name, str)
+    if value is None:
+        if type_name.startswith("Optional"):
+            return None
+        raise ConfigError(f"{source}: {key} needs a value (got null)")
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if kind is bool or (kind is int and isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")

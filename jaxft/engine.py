@@ -135,7 +135,6 @@ def make_eval_step(model: nn.Module, label_smoothing: float = 0.0) -> Callable[[
             "correct": jnp.sum((predictions == batch["label"]) * mask),
             "count": jnp.sum(mask),
             "predictions": predictions,
-            "probabilities": jax.nn.softmax(logits),
         }
 
     return step
@@ -296,7 +295,6 @@ class Engine:
         n = len(batch["label"])
         metrics = jax.device_get(self._eval(self.state, self._place(batch)))
         metrics["predictions"] = metrics["predictions"][:n]
-        metrics["probabilities"] = metrics["probabilities"][:n]
         return metrics
 
     def optimizer_state_bytes(self) -> int:

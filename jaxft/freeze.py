@@ -14,7 +14,7 @@ differentiates only non-frozen leaves. Strategies, as ``--strategy`` spells them
                    ``rest=LABEL`` covers leaves no other rule matched. Every leaf must match
                    exactly one rule.
 * ``gradual[:N]``  head first, then one more stage (layer4, layer3, ... / VGG blocks) every
-                   N epochs (default 1)
+                   N epochs (default 1); stage k's leaves are the group ``trainable<k>``
 """
 
 from __future__ import annotations
@@ -140,16 +140,16 @@ class Strategy:
         elif self.name == "regex":
             assign = _apply_rules(self.rules, order)
         elif self.name == "gradual":
-            unfrozen = {m for stage in stages(model)[: 1 + epoch // self.epochs_per_stage] for m in stage}
-            assign = {p: TRAINABLE if p[0] in unfrozen else FROZEN for p in order}
+            # each stage is its own group, so its optimizer state starts fresh when it unfreezes
+            stage_of = {m: k for k, stage in enumerate(stages(model)[: 1 + epoch // self.epochs_per_stage])
+                        for m in stage}
+            assign = {p: (TRAINABLE if stage_of[p[0]] == 0 else f"{TRAINABLE}{stage_of[p[0]]}")
+                      if p[0] in stage_of else FROZEN for p in order}
         else:  # parse_strategy only builds the names above
             raise StrategyError(f"unknown strategy {self.name!r}")
         if all(label == FROZEN for label in assign.values()):
             raise StrategyError(f"strategy {self.spec} freezes every parameter: nothing would train")
         return traverse_util.unflatten_dict(assign)
-
-    def stage_count(self, model: nn.Module) -> int:
-        return len(stages(model)) if self.name == "gradual" else 1
 
     @property
     def spec(self) -> str:

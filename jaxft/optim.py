@@ -1,9 +1,12 @@
 """The one place that turns optimizer settings and a label pytree into an optax transformation.
 
-``clip_by_global_norm -> optax.partition({frozen: set_to_zero, group: base optimizer with
-that group's learning-rate multiplier})``. Frozen leaves get ``set_to_zero`` and so carry no
-optimizer state, and weight decay lives inside the trainable groups' chains only: it can
-never move a frozen leaf.
+``clip_by_global_norm -> optax.partition({frozen: set_to_zero, group: base optimizer at unit
+learning rate x the group's multiplier}) -> scale_by_learning_rate(schedule)``. Frozen leaves
+get ``set_to_zero`` and so carry no optimizer state, and weight decay lives inside the
+trainable groups' chains only: it can never move a frozen leaf. The schedule sits outside the
+partition so its step counter is one for the whole run: a group that appears later (gradual
+unfreezing) joins the schedule where it is, while its own Adam moments and bias correction
+start fresh, as a newly added torch param group's would.
 """
 
 from __future__ import annotations
@@ -60,14 +63,16 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.constant_schedule(cfg.lr)
 
 
-def _base(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """torch semantics: SGD and Adam weight decay is L2 added to the gradient; AdamW's is decoupled."""
+def _base(cfg: OptimConfig) -> optax.GradientTransformation:
+    """The direction of an update at learning rate 1 (the schedule scales it afterwards).
+    torch semantics: SGD and Adam weight decay is L2 added to the gradient; AdamW's is
+    decoupled and, as in torch, scaled by the learning rate."""
     if cfg.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay))
     l2 = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
     if cfg.optimizer == "sgd":
-        return optax.chain(*l2, optax.sgd(schedule, momentum=cfg.momentum or None))
-    return optax.chain(*l2, optax.adam(schedule))
+        return optax.chain(*l2, optax.trace(decay=cfg.momentum) if cfg.momentum else optax.identity())
+    return optax.chain(*l2, optax.scale_by_adam())
 
 
 def build_optimizer(cfg: OptimConfig, labels: Mapping[str, Any], multipliers: Optional[Mapping[str, float]] = None,
@@ -80,9 +85,9 @@ def build_optimizer(cfg: OptimConfig, labels: Mapping[str, Any], multipliers: Op
     transforms = {FROZEN: optax.set_to_zero()}
     for group in groups:
         mult = multipliers.get(group, 1.0)
-        transforms[group] = _base(cfg, schedule if mult == 1.0 else (lambda step, m=mult: m * schedule(step)))
-    partitioned = optax.partition(transforms, labels)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_grad), partitioned) if cfg.clip_grad else partitioned
+        transforms[group] = _base(cfg) if mult == 1.0 else optax.chain(_base(cfg), optax.scale(mult))
+    clip = [optax.clip_by_global_norm(cfg.clip_grad)] if cfg.clip_grad else []
+    return optax.chain(*clip, optax.partition(transforms, labels), optax.scale_by_learning_rate(schedule))
 
 
 def state_bytes(opt_state: Any) -> int:

@@ -21,6 +21,7 @@ from jaxft.data.builtin import digits
 from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
+SOURCE_ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
+from jaxft.pretrained import NO_WEIGHTS
 
 EXAMPLES = """\
 examples:
@@ -144,7 +145,8 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluated epoch
     best_accuracy: float = -1.0
     best_epoch: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # inside train steps
+    wall_seconds: float = 0.0  # the whole loop, evaluation and checkpoints included
     images_seen: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -192,11 +194,13 @@ def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
 def resolve_weights(cfg: TrainConfig, log: Callable[[str], None]) -> Any:
     """'source' is the offline source checkpoint, built on first use; 'none' means random init."""
     if cfg.weights == "source":
-        from jaxft.source_checkpoint import SourceRecipe, ensure_source_checkpoint
+        from jaxft.source_checkpoint import SOURCE_ARCHS, SourceRecipe, ensure_source_checkpoint
 
-        return ensure_source_checkpoint(SourceRecipe(arch=cfg.arch if cfg.arch in ("resnet18", "resnet34", "resnet50")
-                                                     else "resnet18"), log=log)
-    return None if cfg.weights.lower() in ("none", "scratch", "random") else cfg.weights
+        if cfg.arch not in SOURCE_ARCHS:
+            raise ConfigError(f"--weights source exists for {', '.join(SOURCE_ARCHS)}, not {cfg.arch}; use "
+                              f"--weights imagenet, a checkpoint file, or none")
+        return ensure_source_checkpoint(SourceRecipe(arch=cfg.arch), log=log)
+    return None if cfg.weights.lower() in NO_WEIGHTS else cfg.weights
 
 
 def crop_size_of(cfg: TrainConfig) -> int:
@@ -207,7 +211,7 @@ def crop_size_of(cfg: TrainConfig) -> int:
         from jaxft.source_checkpoint import SourceRecipe
 
         return SourceRecipe().image_size
-    if cfg.weights.lower() in ("none", "scratch", "random"):
+    if cfg.weights.lower() in NO_WEIGHTS:
         return Preprocessing().crop_size
     if os.path.exists(cfg.weights):
         return sidecar_meta(Path(cfg.weights)).preprocessing.crop_size
@@ -226,7 +230,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     from jaxft.models.head import head_for
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
-    from jaxft.engine import Engine, StepStats
+    from jaxft.engine import Engine, NonFiniteLossError, StepStats
     from jaxft.freeze import FROZEN, describe, parse_strategy, summarize
     from jaxft.optim import OptimConfig, learning_rate_schedule
     from jaxft.pretrained import load_pretrained
@@ -249,6 +253,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     log(f"model {cfg.arch}: {info.param_count:,} parameters, weights from {info.meta.source}"
         + (f"; new head ({', '.join(info.replaced_keys)})" if info.replaced_keys else ""))
     train_t, eval_t = transforms_for(info.meta.preprocessing, cfg.image_size, cfg.augmentation())
+    if cfg.arch.startswith("vgg") and eval_t.crop_size < 32:
+        raise ConfigError(f"{cfg.arch} halves the image five times: it needs --image-size 32 or more "
+                          f"(got {eval_t.crop_size})")
     full_labels = strategy.labels(model, variables["params"])
     log(describe(full_labels, variables["params"], strategy))
 
@@ -323,6 +330,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
 
     def save(val_accuracy: Optional[float] = None) -> None:
+        nonlocal wall_mark
+        now = time.perf_counter()
+        progress.wall_seconds += now - wall_mark
+        wall_mark = now
         progress.iterator = iterator.get_state()
         ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
 
@@ -335,7 +346,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
         record_eval(0, {"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
         log(f"before training: val loss {stats.loss:.4f}, accuracy {stats.accuracy:.4f}")
 
-    start_wall = time.perf_counter()
+    wall_mark = time.perf_counter()
     try:
         with InterruptFlag() as interrupt:
             for epoch in range(progress.epoch, cfg.epochs):
@@ -366,8 +377,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                                            "lr": float(schedule(progress.global_step - 1)),
                                            "grad_norm": float(metrics["grad_norm"]),
                                            "images_per_sec": round(images_per_sec, 1)})
-                    if interrupt.requested:
-                        raise StopRequested
+                    if interrupt.requested and progress.step_in_epoch < steps_per_epoch:
+                        raise StopRequested  # (at an epoch's last step: after its evaluation and save)
                     if progress.global_step % cfg.save_every == 0 and progress.step_in_epoch < steps_per_epoch:
                         save()
                 bar.close()
@@ -385,8 +396,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                     f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
                 progress.epoch, progress.step_in_epoch, progress.train_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
                 save(stats.accuracy)
-    except StopRequested:
-        save()
+                if interrupt.requested and epoch + 1 < cfg.epochs:
+                    raise StopRequested
+    except (StopRequested, NonFiniteLossError):
+        save()  # the engine kept the last good state: that is what is saved
         metrics_log.close()
         ckpts.close()
         raise
@@ -419,7 +432,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
     summary["parameters"] = {"total": sum(r[2] for r in rows),
                              "trainable": sum(r[2] for r in rows if r[0] != FROZEN)}
     summary["optimizer_state_bytes"] = engine.optimizer_state_bytes()
-    summary["wall_seconds"] = round(progress.train_seconds + (time.perf_counter() - start_wall if not resume else 0), 2)
+    summary["wall_seconds"] = round(progress.wall_seconds, 2)
     summary["train_seconds"] = round(progress.train_seconds, 2)
     summary["images_per_sec"] = round(progress.images_seen / max(progress.train_seconds, 1e-9), 1)
     summary["devices"] = engine.devices
@@ -478,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from jaxft.engine import init_distributed
+
+    init_distributed()  # multi-host: joins the cluster when its environment is present
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "quiet")}
     created: Optional[Path] = None
     try:

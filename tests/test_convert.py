@@ -289,6 +289,13 @@ def test_cli_errors_are_one_clear_line(tmp_path, resnet18_file, offline_torch_ho
     _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet19"), "invalid choice: 'resnet19'")
     _assert_clean_cli_error(run_cli("IMAGENET1K_V7", "--arch", "resnet18"), "unknown weights 'IMAGENET1K_V7'")
     _assert_clean_cli_error(run_cli("--to-torch", resnet18_file), "not a jaxft")
+    _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet18", "--out", tmp_path / "no" / "x.msgpack"),
+                            "does not exist")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet18", "--out", tmp_path / "mine", "--overwrite"),
+                            "not a jaxft checkpoint")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 

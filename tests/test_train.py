@@ -243,3 +243,17 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
         _one_clear_line(result, needle)
     assert (run / "keep.txt").read_text() == "precious" and sorted(p.name for p in run.iterdir()) == [
         "config.json", "keep.txt"]
+    assert not (tmp_path / "new_run").exists()  # failed runs leave no half-made directory
+
+
+def test_nan_loss_stops_and_checkpoints_the_last_good_state(env, tmp_path):
+    run = tmp_path / "diverged"
+    result = cli("jaxft.train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "1", "--save-every", "1000",
+                 "--out", run, "--quiet", env=env)
+    _one_clear_line(result, "NaN/inf")
+    assert result.returncode == 3
+    from jaxft.checkpoint import RunCheckpoints
+
+    ckpts = RunCheckpoints(run / "checkpoints", read_only=True)
+    step = ckpts.latest_step()
+    assert step is not None and ckpts.progress(step)["global_step"] == step  # saved at the last good step

@@ -9,14 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxft.source_checkpoint import SourceRecipe, build_source_checkpoint, default_source_path
+from jaxft.source_checkpoint import SOURCE_ARCHS, SourceRecipe, build_source_checkpoint, default_source_path
 
 
 def main() -> int:
     defaults = SourceRecipe()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default=defaults.arch, choices=["resnet18", "resnet34", "resnet50", "vgg11",
-                                                                  "vgg11_bn"], help="torchvision architecture")
+    parser.add_argument("--arch", default=defaults.arch, choices=SOURCE_ARCHS,
+                        help="torchvision architecture")
     parser.add_argument("--out", type=Path, help="output .pth (default: the jaxft cache, where jaxft.train looks)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="digits are upscaled to this")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)

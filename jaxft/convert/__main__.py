@@ -80,9 +80,18 @@ def _check_logits(arch: str, variables, state_dict) -> float:
     return float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def _refuse_overwrite(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite``; checked before any work is done."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if out.is_dir() and not (out / "meta").exists():
+        raise FileExistsError(f"--overwrite refuses to delete {out}: it is a directory but not a jaxft checkpoint")
+    if not out.parent.is_dir():
+        raise FileExistsError(f"the folder of --out {out} does not exist; create {out.parent} first")
+
+
+def _clear(out: Path) -> None:
+    """Remove the old output once the new one is ready to be written (nothing is lost on failure)."""
     if out.exists():
         import shutil
 
@@ -98,9 +107,10 @@ def torch_to_flax(args: argparse.Namespace) -> str:
         raise ValueError("--arch is required to convert torch weights (e.g. --arch resnet50)")
     stem = Path(args.source).stem if Path(args.source).suffix else args.source.lower()
     out = args.out or Path(f"{args.arch}_{stem}_flax")
-    _refuse_overwrite(out, args.overwrite)
+    _check_out(out, args.overwrite)
     model, variables, info = load_pretrained(args.arch, args.source, num_classes=args.num_classes)
     meta = {"arch": args.arch, "num_classes": info.num_classes, "weights": info.meta.to_json()}
+    _clear(out)
     written = save_variables(out, variables, meta, args.format)
     lines = [f"converted {_describe(args.arch, info.num_classes, info.param_count, info.categories)}",
              f"  from {info.meta.source}", f"  to   {written}"]
@@ -125,8 +135,9 @@ def flax_to_torch(args: argparse.Namespace) -> str:
     variables, meta = load_variables(source)
     arch = check_arch(meta.get("arch", ""))
     out = args.out or Path(f"{Path(args.source).name}.pth")
-    _refuse_overwrite(out, args.overwrite)
+    _check_out(out, args.overwrite)
     state_dict = to_torch(arch, variables)
+    _clear(out)
     torch.save(state_dict, out)
     num_classes = int(meta.get("num_classes") or 0)
     categories = meta.get("classes") or (meta.get("weights") or {}).get("categories")
@@ -149,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(flax_to_torch(args) if args.to_torch else torch_to_flax(args))
-    except (ConversionError, WeightsError, CheckpointError, FileExistsError, ValueError) as exc:
+    except (ConversionError, WeightsError, CheckpointError, FileExistsError, ValueError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0

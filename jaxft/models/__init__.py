@@ -42,8 +42,4 @@ def create_model(arch: str, num_classes: int = 1000, dtype: Any = jnp.float32, *
     return build(arch, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
-def is_resnet(arch: str) -> bool:
-    return arch in RESNET_CONFIGS
-
-
-__all__ = ["ARCHS", "ResNet", "VGG", "UnknownArchError", "check_arch", "create_model", "is_resnet"]
+__all__ = ["ARCHS", "ResNet", "VGG", "UnknownArchError", "check_arch", "create_model"]
