@@ -218,24 +218,54 @@ def crop_size_of(cfg: TrainConfig) -> int:
     return preprocessing_of(weights_enum(cfg.arch, cfg.weights)).crop_size
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
-          quiet: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
-    import jax.numpy as jnp
-    from tqdm import tqdm
+@dataclass
+class RunParts:
+    """Everything a run is built from: data, model, engine and loaders."""
 
-    from jaxft.checkpoint import RunCheckpoints, save_variables
+    strategy: Any
+    splits: Any
+    model: Any
+    variables: dict[str, Any]  # the whole model's initial variables
+    info: Any
+    full_labels: dict
+    eval_transform: Any
+    engine: Any
+    loader: Any
+    val_loader: Any
+    test_loader: Any
+    schedule: Callable[[int], float]
+    use_features: bool
+    feature_reason: str
+
+    def full_variables(self, engine_variables: dict[str, Any]) -> dict[str, Any]:
+        """The whole model's variables (best/ and exports hold the whole model), also when the
+        engine trains a LinearHead on cached features."""
+        if not self.use_features:
+            return engine_variables
+        head = self.model.head_name
+        return {**self.variables, "params": {**self.variables["params"], head: engine_variables["params"][head]}}
+
+    def engine_part(self, whole: dict[str, Any]) -> dict[str, Any]:
+        """The inverse: what the engine trains, out of the whole model's variables."""
+        if not self.use_features:
+            return whole
+        return {"params": {self.model.head_name: whole["params"][self.model.head_name]}, "batch_stats": {}}
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunParts:
+    """Open the data, load the weights with a new head, choose the feature-cache route, and
+    build the loaders and the engine. Bad input fails here, before anything trains."""
+    import jax.numpy as jnp
+
     from jaxft.data.features import extract_features, feature_cache_decision
     from jaxft.data.pipeline import eval_loader, train_loader
-    from jaxft.models.head import head_for
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
-    from jaxft.engine import Engine, NonFiniteLossError, StepStats
-    from jaxft.freeze import FROZEN, describe, parse_strategy, summarize
+    from jaxft.engine import Engine
+    from jaxft.freeze import describe, parse_strategy
+    from jaxft.models.head import head_for
     from jaxft.optim import OptimConfig, learning_rate_schedule
     from jaxft.pretrained import load_pretrained
-    from jaxft.report import (MetricsLog, confusion_matrix, per_class_accuracy, plot_confusion, plot_curves,
-                              read_metrics, write_json)
 
     strategy = parse_strategy(cfg.strategy)
     splits = open_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_split, seed=cfg.seed)
@@ -266,55 +296,53 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                                                   bn_policy=cfg.bn_frozen)
     if strategy.name == "head":
         log(f"feature cache {'on' if use_features else 'off'}: {reason}")
-    head = model.head_name
     if use_features:
-        parts = {name: split for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+        named = {name: split for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
                  if split is not None}
         features = {name: extract_features(model, variables, split, eval_t, batch_size=max(cfg.batch_size, 64),
-                                           num_workers=cfg.workers) for name, split in parts.items()}
+                                           num_workers=cfg.workers) for name, split in named.items()}
         log("features: " + ", ".join(f"{name} {'from cache' if f.from_cache else 'computed'}"
                                      for name, f in features.items()))
         data = {"test": None, **{name: f.as_split(name) for name, f in features.items()}}
-        train_t = eval_t_engine = None
+        train_t = loader_eval_t = None  # features need no transform
         engine_model = head_for(model, features["train"].features.shape[1])
-        engine_variables = {"params": {head: variables["params"][head]}}
+        engine_variables = {"params": {model.head_name: variables["params"][model.head_name]}}
         engine_strategy = parse_strategy("full")
     else:
         data = {"train": splits.train, "val": splits.val, "test": splits.test}
-        eval_t_engine, engine_model, engine_variables, engine_strategy = eval_t, model, variables, strategy
+        loader_eval_t, engine_model, engine_variables, engine_strategy = eval_t, model, variables, strategy
 
-    def full_variables(state_variables: dict[str, Any]) -> dict[str, Any]:
-        """The whole model's variables (best/ and exports hold the whole model)."""
-        if not use_features:
-            return state_variables
-        return {**variables, "params": {**variables["params"], head: state_variables["params"][head]}}
-
-    def engine_part(whole: dict[str, Any]) -> dict[str, Any]:
-        return {"params": {head: whole["params"][head]}, "batch_stats": {}} if use_features else whole
-
+    workers = 0 if use_features else cfg.workers
     loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
-                          num_workers=0 if use_features else cfg.workers)
+                          num_workers=workers)
     eval_batch = max(cfg.batch_size, 64)
-    val_loader = eval_loader(data["val"], eval_t_engine, eval_batch, num_workers=0 if use_features else cfg.workers)
-    test_loader = (eval_loader(data["test"], eval_t_engine, eval_batch,
-                               num_workers=0 if use_features else cfg.workers) if data["test"] is not None else None)
-    steps_per_epoch, total_steps = loader.steps_per_epoch, len(loader)
+    val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_workers=workers)
+    test_loader = (eval_loader(data["test"], loader_eval_t, eval_batch, num_workers=workers)
+                   if data["test"] is not None else None)
     optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
-                        int(cfg.warmup_epochs * steps_per_epoch), cfg.clip_grad)
-    schedule = learning_rate_schedule(optim, total_steps)
-    engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=total_steps,
+                        int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
+    engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=len(loader),
                     bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=cfg.lr_rules(),
                     layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log)
+    return RunParts(strategy, splits, model, variables, info, full_labels, eval_t, engine, loader, val_loader,
+                    test_loader, learning_rate_schedule(optim, len(loader)), use_features, reason)
 
-    if not resume:
-        write_json(run_dir / "model.json", {
-            "arch": cfg.arch, "num_classes": len(splits.classes), "classes": list(splits.classes),
-            "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
-            "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": info.meta.source})
 
+def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
+        quiet: bool) -> Progress:
+    """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
+    model in best/. Resumes from the latest checkpoint when ``resume``."""
+    from tqdm import tqdm
+
+    from jaxft.checkpoint import RunCheckpoints, save_variables
+    from jaxft.engine import NonFiniteLossError, StepStats
+    from jaxft.freeze import describe
+    from jaxft.report import MetricsLog
+
+    engine, steps_per_epoch = parts.engine, parts.loader.steps_per_epoch
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
-    iterator = iter(loader)
+    iterator = iter(parts.loader)
     if resume:
         latest = ckpts.latest_step()
         if latest is None:
@@ -328,6 +356,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
         log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
             f"step {progress.step_in_epoch}/{steps_per_epoch})")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    wall_mark = time.perf_counter()
 
     def save(val_accuracy: Optional[float] = None) -> None:
         nonlocal wall_mark
@@ -337,21 +366,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
         progress.iterator = iterator.get_state()
         ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
 
-    def record_eval(epoch: int, record: dict[str, Any]) -> None:
+    def record_epoch(record: dict[str, Any]) -> None:
         progress.history.append(record)
         metrics_log.write({"event": "epoch", "step": progress.global_step, **record})
 
-    if not resume:
-        stats, _, _ = evaluate(engine, val_loader)
-        record_eval(0, {"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
-        log(f"before training: val loss {stats.loss:.4f}, accuracy {stats.accuracy:.4f}")
-
-    wall_mark = time.perf_counter()
     try:
+        if not resume:
+            stats, _, _ = evaluate(engine, parts.val_loader)
+            record_epoch({"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
+            log(f"before training: val loss {stats.loss:.4f}, accuracy {stats.accuracy:.4f}")
+            wall_mark = time.perf_counter()
         with InterruptFlag() as interrupt:
             for epoch in range(progress.epoch, cfg.epochs):
                 if engine.set_epoch(epoch):
-                    log(describe(strategy.labels(model, variables["params"], epoch), variables["params"], strategy))
+                    log(describe(parts.strategy.labels(parts.model, parts.variables["params"], epoch),
+                                 parts.variables["params"], parts.strategy))
                 running = StepStats(*progress.train_sums)
                 bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=True if quiet else None, leave=False, unit="step")
@@ -374,7 +403,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                         metrics_log.write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
                                            "loss": float(metrics["loss_sum"] / metrics["count"]),
                                            "accuracy": float(metrics["correct"] / metrics["count"]),
-                                           "lr": float(schedule(progress.global_step - 1)),
+                                           "lr": float(parts.schedule(progress.global_step - 1)),
                                            "grad_norm": float(metrics["grad_norm"]),
                                            "images_per_sec": round(images_per_sec, 1)})
                     if interrupt.requested and progress.step_in_epoch < steps_per_epoch:
@@ -382,16 +411,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                     if progress.global_step % cfg.save_every == 0 and progress.step_in_epoch < steps_per_epoch:
                         save()
                 bar.close()
-                stats, _, _ = evaluate(engine, val_loader)
-                record = {"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
-                          "val_loss": stats.loss, "val_accuracy": stats.accuracy,
-                          "epoch_seconds": round(time.perf_counter() - epoch_start, 2)}
+                stats, _, _ = evaluate(engine, parts.val_loader)
                 improved = stats.accuracy > progress.best_accuracy
                 if improved:
                     progress.best_accuracy, progress.best_epoch = stats.accuracy, epoch + 1
                     _replace_dir(run_dir / "best", lambda tmp: save_variables(
-                        tmp, full_variables(engine.state.variables), json.loads((run_dir / "model.json").read_text())))
-                record_eval(epoch + 1, record)
+                        tmp, parts.full_variables(engine.state.variables),
+                        json.loads((run_dir / "model.json").read_text())))
+                record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
+                              "val_loss": stats.loss, "val_accuracy": stats.accuracy,
+                              "epoch_seconds": round(time.perf_counter() - epoch_start, 2)})
                 log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running.loss:.4f} acc {running.accuracy:.4f} | "
                     f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
                 progress.epoch, progress.step_in_epoch, progress.train_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
@@ -400,49 +429,75 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
                     raise StopRequested
     except (StopRequested, NonFiniteLossError):
         save()  # the engine kept the last good state: that is what is saved
+        raise
+    finally:
         metrics_log.close()
         ckpts.close()
-        raise
+    return progress
 
-    # final evaluation of the best model
+
+def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Evaluate the best model on val and test; write summary.json and the plots."""
     from jaxft.checkpoint import load_variables
+    from jaxft.freeze import FROZEN, summarize
+    from jaxft.report import (confusion_matrix, per_class_accuracy, plot_confusion, plot_curves, read_metrics,
+                              write_json)
 
-    best_vars, _ = load_variables(run_dir / "best")
-    best_vars = engine_part(best_vars)
-    engine.state = engine.state.replace(params=best_vars["params"], batch_stats=best_vars.get("batch_stats", {}))
-    summary: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data,
-                               "strategy": strategy.spec, "bn_frozen": cfg.bn_frozen, "classes": list(splits.classes),
-                               "best_epoch": progress.best_epoch, "epochs": cfg.epochs, "steps": progress.global_step}
+    engine, classes, spec = parts.engine, parts.splits.classes, parts.strategy.spec
+    best, _ = load_variables(run_dir / "best")
+    best = parts.engine_part(best)
+    engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
     last = progress.history[-1]
-    summary["train"] = {"loss": last["train_loss"], "accuracy": last["train_accuracy"],
-                        "note": "running average over the last epoch, with augmentation"}
-    for name, split_loader in (("val", val_loader), ("test", test_loader)):
-        if split_loader is None:
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data, "strategy": spec,
+        "bn_frozen": cfg.bn_frozen, "classes": list(classes), "best_epoch": progress.best_epoch,
+        "epochs": cfg.epochs, "steps": progress.global_step,
+        "train": {"loss": last["train_loss"], "accuracy": last["train_accuracy"],
+                  "note": "running average over the last epoch, with augmentation"},
+    }
+    for name, loader in (("val", parts.val_loader), ("test", parts.test_loader)):
+        if loader is None:
             continue
-        stats, labels, predictions = evaluate(engine, split_loader)
-        matrix = confusion_matrix(labels, predictions, len(splits.classes))
+        stats, labels, predictions = evaluate(engine, loader)
+        matrix = confusion_matrix(labels, predictions, len(classes))
         summary[name] = {"loss": stats.loss, "accuracy": stats.accuracy, "samples": int(stats.count),
-                         "per_class_accuracy": per_class_accuracy(matrix, splits.classes),
+                         "per_class_accuracy": per_class_accuracy(matrix, classes),
                          "confusion_matrix": matrix.tolist()}
-        plot_confusion(matrix, splits.classes, run_dir / "plots" / f"confusion_{name}.png",
-                       f"{cfg.arch} {strategy.spec}: {name} (best epoch {progress.best_epoch})")
-    summary["before_training"] = {"val_loss": progress.history[0]["val_loss"],
-                                  "val_accuracy": progress.history[0]["val_accuracy"]}
-    rows = summarize(full_labels, variables["params"])
-    summary["parameters"] = {"total": sum(r[2] for r in rows),
-                             "trainable": sum(r[2] for r in rows if r[0] != FROZEN)}
-    summary["optimizer_state_bytes"] = engine.optimizer_state_bytes()
-    summary["wall_seconds"] = round(progress.wall_seconds, 2)
-    summary["train_seconds"] = round(progress.train_seconds, 2)
-    summary["images_per_sec"] = round(progress.images_seen / max(progress.train_seconds, 1e-9), 1)
-    summary["devices"] = engine.devices
-    summary["feature_cache"] = {"used": use_features, "reason": reason} if strategy.name == "head" else None
+        plot_confusion(matrix, classes, run_dir / "plots" / f"confusion_{name}.png",
+                       f"{cfg.arch} {spec}: {name} (best epoch {progress.best_epoch})")
+    rows = summarize(parts.full_labels, parts.variables["params"])
+    summary.update({
+        "before_training": {"val_loss": progress.history[0]["val_loss"],
+                            "val_accuracy": progress.history[0]["val_accuracy"]},
+        "parameters": {"total": sum(r[2] for r in rows), "trainable": sum(r[2] for r in rows if r[0] != FROZEN)},
+        "optimizer_state_bytes": engine.optimizer_state_bytes(),
+        "wall_seconds": round(progress.wall_seconds, 2),
+        "train_seconds": round(progress.train_seconds, 2),
+        "images_per_sec": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
+        "devices": engine.devices,
+        "feature_cache": ({"used": parts.use_features, "reason": parts.feature_reason}
+                          if parts.strategy.name == "head" else None),
+    })
     write_json(run_dir / "summary.json", summary)
     plot_curves([r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
                 run_dir / "plots" / "curves.png")
-    metrics_log.close()
-    ckpts.close()
     return summary
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
+    from jaxft.report import write_json
+
+    parts = build_run(cfg, run_dir, resume, log)
+    if not resume:
+        eval_t = parts.eval_transform
+        write_json(run_dir / "model.json", {
+            "arch": cfg.arch, "num_classes": len(parts.splits.classes), "classes": list(parts.splits.classes),
+            "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
+            "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": parts.info.meta.source})
+    progress = fit(parts, cfg, run_dir, resume, log, quiet)
+    return final_report(parts, cfg, run_dir, progress)
 
 
 def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
