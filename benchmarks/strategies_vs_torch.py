@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from flax import traverse_util
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,16 +29,15 @@ from common import machine_line, print_table  # noqa: E402
 from jaxft import load_pretrained, to_torch  # noqa: E402
 from jaxft.data.builtin import digits  # noqa: E402
 from jaxft.engine import Engine, StepStats  # noqa: E402
-from jaxft.freeze import FROZEN, parse_strategy, summarize, torch_order  # noqa: E402
+from jaxft.freeze import FROZEN, parse_strategy, summarize  # noqa: E402
 from jaxft.optim import OptimConfig  # noqa: E402
-from jaxft.source_checkpoint import ensure_source_checkpoint, resize_images  # noqa: E402
-from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from jaxft.parity import freeze_like  # noqa: E402
+from jaxft.source_checkpoint import ensure_source_checkpoint, normalized_images  # noqa: E402
 
 
 def load_task(image_size: int, seed: int):
     images, labels, _ = digits(range(5, 10))
-    x = resize_images(images, image_size).astype(np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    x = normalized_images(images, image_size)
     idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=seed)
     return (x[idx_train], labels[idx_train]), (x[idx_val], labels[idx_val])
 
@@ -67,10 +65,7 @@ def run_jax(model, variables, spec, train, val, args, bn_policy):
 def run_torch(arch, model, variables, labels, train, val, args):
     torch_model = torchvision.models.get_model(arch, weights=None, num_classes=5)
     torch_model.load_state_dict(to_torch(arch, variables))
-    flat_labels = traverse_util.flatten_dict(labels)
-    for param, path in zip(torch_model.parameters(), torch_order(model)):
-        param.requires_grad_(flat_labels[path] != FROZEN)
-    optimizer = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam(freeze_like(torch_model, model, labels), lr=args.lr)
     x_train, y_train = torch.from_numpy(train[0]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(train[1])
     x_val, y_val = torch.from_numpy(val[0]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(val[1])
     best, start = 0.0, time.perf_counter()

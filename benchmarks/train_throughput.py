@@ -19,25 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, machine_line, print_table  # noqa: E402
 
 from jaxft import create_model, to_torch  # noqa: E402
 from jaxft.engine import Engine  # noqa: E402
-from jaxft.freeze import FROZEN, parse_strategy, torch_order  # noqa: E402
+from jaxft.freeze import parse_strategy  # noqa: E402
 from jaxft.optim import OptimConfig  # noqa: E402
+from jaxft.parity import freeze_like  # noqa: E402
 from jaxft.pretrained import init_variables  # noqa: E402
 
 
 def torch_step_fn(arch, variables, labels, model, batch, compile_model: bool):
     torch_model = torchvision.models.get_model(arch, weights=None, num_classes=10)
     torch_model.load_state_dict(to_torch(arch, variables))
-    flat_labels = traverse_util.flatten_dict(labels)
-    for param, path in zip(torch_model.parameters(), torch_order(model)):
-        param.requires_grad_(flat_labels[path] != FROZEN)
-    optimizer = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.Adam(freeze_like(torch_model, model, labels), lr=1e-4)
     torch_model.train()
     forward = torch.compile(torch_model) if compile_model else torch_model
     x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()

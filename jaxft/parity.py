@@ -36,5 +36,19 @@ def torch_reference(arch: str, seed: int = 0, **kwargs):
     return randomize_batchnorm(torchvision.models.get_model(arch, weights=None, **kwargs), seed).eval()
 
 
+def freeze_like(torch_model, model, labels) -> list:
+    """``requires_grad=False`` on the torch parameters jaxft's ``labels`` freeze (matched in
+    ``model.parameters()`` order), as the PyTorch recipes freeze; returns the trainable ones."""
+    from flax import traverse_util
+
+    from jaxft.freeze import FROZEN, torch_order
+
+    flat = traverse_util.flatten_dict(dict(labels))
+    params = list(torch_model.parameters())
+    for param, path in zip(params, torch_order(model), strict=True):
+        param.requires_grad_(flat[path] != FROZEN)
+    return [p for p in params if p.requires_grad]
+
+
 def nchw_to_nhwc(x) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()

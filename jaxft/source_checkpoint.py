@@ -56,12 +56,17 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
 
 
+def normalized_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, h, w, 3) -> float32 NHWC at ``size`` px with ImageNet normalisation: the
+    source checkpoint's input, also used to feed it the other digits."""
+    x = resize_images(images, size).astype(np.float32) / 255.0
+    return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+
+
 def _tensors(images: np.ndarray, size: int):
     import torch
 
-    x = resize_images(images, size).astype(np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.ascontiguousarray(normalized_images(images, size).transpose(0, 3, 1, 2)))
 
 
 def train_source_model(recipe: SourceRecipe, log=print):

@@ -356,6 +356,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
         log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
             f"step {progress.step_in_epoch}/{steps_per_epoch})")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
     wall_mark = time.perf_counter()
 
     def save(val_accuracy: Optional[float] = None) -> None:
@@ -416,8 +417,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                 if improved:
                     progress.best_accuracy, progress.best_epoch = stats.accuracy, epoch + 1
                     _replace_dir(run_dir / "best", lambda tmp: save_variables(
-                        tmp, parts.full_variables(engine.state.variables),
-                        json.loads((run_dir / "model.json").read_text())))
+                        tmp, parts.full_variables(engine.state.variables), model_meta))
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
                               "epoch_seconds": round(time.perf_counter() - epoch_start, 2)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -46,10 +45,7 @@ def source_checkpoint(jaxft_cache):
 def digits_5_9():
     """Digits 5-9 upscaled to 32 px and normalised like the source checkpoint: (x NHWC, y)."""
     from jaxft.data.builtin import digits
-    from jaxft.source_checkpoint import resize_images
-    from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
+    from jaxft.source_checkpoint import normalized_images
 
     images, labels, _ = digits(range(5, 10))
-    x = resize_images(images, 32).astype(np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return x, labels
+    return normalized_images(images, 32), labels

@@ -17,9 +17,9 @@ from flax import traverse_util
 
 from jaxft import create_model, from_torch, to_torch
 from jaxft.engine import Engine, NonFiniteLossError
-from jaxft.freeze import FROZEN, StrategyError, parse_strategy, stages, torch_order
+from jaxft.freeze import FROZEN, StrategyError, parse_strategy, stages
 from jaxft.optim import OptimConfig
-from jaxft.parity import rel_l2
+from jaxft.parity import freeze_like, rel_l2
 from jaxft.pretrained import init_variables
 
 STRATEGIES = ["full", "head", "body", "partial:0.8", "regex:layer4_.*=trainable;fc/.*=trainable;rest=frozen",
@@ -75,12 +75,8 @@ def test_sgd_training_matches_pytorch_step_by_step(spec, source_checkpoint, digi
     model = create_model("resnet18", num_classes=5)
     variables = from_torch("resnet18", torch_model.state_dict())
     strategy = parse_strategy(spec)
-    labels = traverse_util.flatten_dict(strategy.labels(model, variables["params"]))
-    torch_params = list(torch_model.parameters())
-    for param, path in zip(torch_params, torch_order(model), strict=True):
-        param.requires_grad_(labels[path] != FROZEN)  # what the PyTorch recipes do
-    optimizer = torch.optim.SGD([p for p in torch_params if p.requires_grad], lr=0.05, momentum=0.9,
-                                weight_decay=5e-4)
+    trainable = freeze_like(torch_model, model, strategy.labels(model, variables["params"]))
+    optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4)
     engine = Engine(model, variables, strategy, OptimConfig("sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
                     bn_policy="torch")
 

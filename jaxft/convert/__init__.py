@@ -17,6 +17,7 @@ Every torch key is used exactly once and every Flax leaf is filled; anything els
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Optional
@@ -43,11 +44,13 @@ class ConversionError(ValueError):
     """A state_dict that does not fit the Flax model, or Flax variables that do not fit torch."""
 
 
+@functools.lru_cache(maxsize=64)
 def model_layout(model: nn.Module) -> "OrderedDict[Leaf, tuple[int, ...]]":
-    """Every variable of ``model`` with its shape, in torchvision's state_dict order.
+    """Every variable of ``model`` with its shape, in torchvision's state_dict order (read-only).
 
     Flax creates variables in call order, which mirrors torchvision's ``__init__`` order;
-    flattening inside the trace keeps that order (sorted pytrees would not).
+    flattening inside the trace keeps that order (sorted pytrees would not). Cached per module
+    configuration (modules hash by their fields): strategies ask for it every epoch.
     """
     order: list[tuple[str, tuple[str, ...]]] = []
 

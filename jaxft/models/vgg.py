@@ -20,12 +20,13 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.normal(0.01)
 
 POOL = "M"
-VGG_CONFIGS: dict[str, list[Union[int, str]]] = {
-    "A": [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
-    "B": [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
-    "D": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512, POOL],
-    "E": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
-          512, 512, 512, 512, POOL],
+# tuples: modules hash by their fields (jit and layout caches key on them)
+VGG_CONFIGS: dict[str, tuple[Union[int, str], ...]] = {
+    "A": (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
+    "B": (64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
+    "D": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512, POOL),
+    "E": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
+          512, 512, 512, 512, POOL),
 }
 VGG_ARCHS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
