@@ -62,6 +62,18 @@ def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping
     return path
 
 
+ORBAX_VARIABLES_ENTRIES = frozenset({"variables", "meta", "_CHECKPOINT_METADATA", "commit_success.txt"})
+
+
+def is_variables_dir(path: Path) -> bool:
+    """A directory :func:`save_variables` wrote in orbax format, and nothing else besides."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return {"variables", "meta"} <= names <= ORBAX_VARIABLES_ENTRIES
+
+
 def _check_header(header: Any, path: Path) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT_TAG:
         raise CheckpointError(f"{path} is not a jaxft variables checkpoint (no '{FORMAT_TAG}' header)")

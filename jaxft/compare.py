@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 DEFAULT_STRATEGIES = ("head", "partial:0.8", "full", "body", "scratch")
+COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from jaxft.config import add_config_flags, build_config, config_to_dict, load_config_file
     from jaxft.freeze import parse_strategy
     from jaxft.report import write_comparison
-    from jaxft.train import RunError, StopRequested, crop_size_of, prepare_run_dir, train, user_errors
+    from jaxft.rundir import RunError, is_run_dir, prepare_run_dir, write_json
+    from jaxft.train import StopRequested, crop_size_of, train, user_errors
 
     parser = argparse.ArgumentParser(
         prog="python -m jaxft.compare",
@@ -37,8 +38,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(base.out or f"runs/compare-{base.arch}-{base.data.replace(':', '_').replace('/', '_')}")
         if out.exists() and not out.is_dir():
             raise RunError(f"--out {out} is a file, not a directory")
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise RunError(f"--out {out} already holds files; pass --overwrite or choose another --out")
+        if out.exists() and any(out.iterdir()):
+            if not args.overwrite:
+                raise RunError(f"--out {out} already holds files; pass --overwrite or choose another --out")
+            # --overwrite replaces an earlier comparison: its table files and its strategies' run directories
+            foreign = sorted(p.name for p in out.iterdir()
+                             if p.name not in COMPARISON_FILES and not is_run_dir(p))
+            if foreign:
+                raise RunError(f"--overwrite refuses to write into {out}: it holds files that are not an earlier "
+                               f"comparison's ({', '.join(foreign[:5])}); choose another --out")
         # Every strategy sees the same images: scratch (no weights) would otherwise fall back to
         # ImageNet's 224 px while the others use their weights' size.
         image_size = base.image_size or crop_size_of(base)
@@ -48,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights, "image_size": image_size,
                                 "out": str(out / name.replace(":", "_"))}, {})
             run_dir = prepare_run_dir(Path(cfg.out), overwrite=True)
-            (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            write_json(run_dir / "config.json", config_to_dict(cfg))
             print(f"== {name} -> {run_dir}")
             try:
                 summary = train(cfg, run_dir, quiet=True, log=lambda *_: None)

@@ -34,7 +34,8 @@ class TrainConfig:
     data: str = field(default="digits:5-9", metadata={
         "help": "an image folder (root/class_x/*.jpg, optional train/ val/ test/), tfds:NAME, digits, digits:5-9 "
                 "or lfw"})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "where TFDS datasets are prepared"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "where TFDS datasets are prepared",
+                                                           "on_resume": True})
     strategy: str = field(default="full", metadata={
         "help": "what trains: full, head, body, partial:F (freeze the first fraction F of tensors), "
                 "regex:'PATTERN=trainable;...;rest=frozen', gradual[:N]"})
@@ -42,14 +43,15 @@ class TrainConfig:
         "help": "BatchNorm in frozen layers: running (use and keep running statistics) or torch (batch "
                 "statistics, running stats updated: what requires_grad=False + model.train() does)",
         "choices": BN_POLICIES})
-    epochs: int = field(default=5, metadata={"help": "passes over the training split"})
+    epochs: int = field(default=5, metadata={"help": "passes over the training split", "on_resume": True})
     batch_size: int = field(default=32, metadata={"help": "global batch size (split over all devices)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate", "on_resume": True})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up (cosine, constant)"})
-    clip_grad: Optional[float] = field(default=None, metadata={"help": "clip gradients to this global norm"})
+    clip_grad: Optional[float] = field(default=None, metadata={"help": "clip gradients to this global norm",
+                                                               "on_resume": True})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (AdamW: decoupled; else L2)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
     lr_mult: Optional[str] = field(default=None, metadata={
@@ -65,10 +67,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for init, split, shuffling and augmentation"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype (params stay float32)",
                                                     "choices": ("float32", "bfloat16")})
-    workers: int = field(default=0, metadata={"help": "data loader worker processes (0: in-process)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and every epoch)"})
-    keep: int = field(default=3, metadata={"help": "latest checkpoints kept (the best is kept too)"})
-    log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
+    workers: int = field(default=0, metadata={"help": "data loader worker processes (0: in-process)",
+                                              "on_resume": True})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and every epoch)",
+                                                  "on_resume": True})
+    keep: int = field(default=3, metadata={"help": "latest checkpoints kept (the best is kept too)",
+                                           "on_resume": True})
+    log_every: int = field(default=10, metadata={"help": "write step metrics every N steps", "on_resume": True})
     out: Optional[str] = field(default=None, metadata={"help": "run directory (default: runs/ARCH-DATA-STRATEGY)"})
 
     def check(self) -> "TrainConfig":
@@ -77,8 +82,9 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if not 0.0 < self.val_split < 1.0:
+            raise ConfigError(f"--val-split must be in (0, 1), got {self.val_split}: it is the fraction of the "
+                              f"training data held out for validation when the data has no val split of its own")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"--image-size must be at least 16 px, got {self.image_size}")
         if self.workers < 0:
@@ -143,20 +149,22 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; defaults are left unset so config files can fill them."""
     for f in dataclasses.fields(TrainConfig):
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default}"
+        help_text += "; --resume may change it)" if f.metadata.get("on_resume") else ")"
         if f.type in ("bool", bool, "Optional[bool]"):
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
         kind = _TYPES.get(str(f.type), str)
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+        parser.add_argument(flag_name(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.name.upper() if "choices" not in f.metadata
                             else None, help=help_text)
 
@@ -200,3 +208,24 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sourc
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Settings a resumed run may change: the rest fix what the run so far computed (its data,
+# model, batches, optimizer), so changing them mid-run would give a run that no single
+# configuration describes.
+CHANGEABLE_ON_RESUME = tuple(name for name, f in CONFIG_FIELDS.items() if f.metadata.get("on_resume"))
+
+
+def config_for_resume(saved: dict[str, Any], file_values: dict[str, Any], flag_values: dict[str, Any],
+                      source: str) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The configuration of a resumed run: its saved ``config.json`` with the changes asked for
+    on the command line, and those changes as {key: (old, new)}. A change to a setting that
+    cannot change mid-run is a ConfigError naming it."""
+    requested = config_to_dict(build_config({**saved, **file_values}, flag_values, source))
+    changes = {k: (saved.get(k), v) for k, v in requested.items() if saved.get(k) != v}
+    fixed = [k for k in changes if k not in CHANGEABLE_ON_RESUME]
+    if fixed:
+        asked = ", ".join(f"{flag_name(k)} {changes[k][1]} (the run has {changes[k][0]})" for k in fixed)
+        raise ConfigError(f"--resume continues a run with its own settings and cannot change {asked}; start a new "
+                          f"run for that. --resume may change: {', '.join(map(flag_name, CHANGEABLE_ON_RESUME))}")
+    return build_config(requested, {}, source), changes

@@ -9,6 +9,7 @@ BatchNorm statistics are then global-batch statistics, so 1 and N devices agree.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -29,7 +30,8 @@ Batch = Mapping[str, Any]  # {'image': (N, H, W, 3) float32, 'label': (N,) int, 
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradients became NaN/inf; the state kept is the last good one."""
+    """The loss, gradients, optimizer state or parameters became NaN/inf; the state kept is the
+    last good one."""
 
 
 @struct.dataclass
@@ -80,6 +82,12 @@ def _merge(*parts: Mapping) -> dict:
     return traverse_util.unflatten_dict({k: v for part in parts for k, v in part.items()})
 
 
+def _all_finite(tree: Any) -> jnp.ndarray:
+    """True when every floating-point leaf of ``tree`` is finite (integer step counts always are)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
+
+
 def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
                     label_smoothing: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy)."""
@@ -107,7 +115,13 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
                                   batch_stats=batch_stats, opt_state=opt_state)
 
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # What became non-finite, in the order it would happen. A finite gradient can still
+        # overflow Adam's second moment (g**2) or the parameters (p + huge update), so the
+        # state the step would keep is checked too, not only the loss and the gradients.
+        checks = {"loss": jnp.isfinite(loss), "gradients": jnp.isfinite(grad_norm),
+                  "optimizer state": _all_finite(opt_state),
+                  "parameters": _all_finite(new_trainable) & _all_finite(batch_stats)}
+        finite = functools.reduce(jnp.logical_and, checks.values())
         # On NaN/inf keep the previous state, so the caller can stop with the last good one.
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {
@@ -116,6 +130,7 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
             "count": jnp.sum(mask),
             "grad_norm": grad_norm,
             "finite": finite,
+            "finite_parts": checks,
         }
         return new_state, metrics
 
@@ -286,9 +301,11 @@ class Engine:
         self.state, metrics = self._train(self.state, self._place(batch))
         metrics = jax.device_get(metrics)
         if not bool(metrics["finite"]):
+            broken = next(name for name, ok in metrics["finite_parts"].items() if not ok)
             raise NonFiniteLossError(
-                f"loss or gradients became NaN/inf at step {int(self.state.step) + 1}; the state was not "
-                f"updated and is the last good one. Try a lower --lr, --clip-grad 1.0, or float32 compute.")
+                f"the {broken} became NaN/inf at step {int(self.state.step) + 1}; the update was refused and the "
+                f"state kept is the last good one (a lower learning rate, gradient clipping or float32 compute may "
+                f"help).")
         return metrics
 
     def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -257,16 +257,55 @@ def summarize(labels: Mapping[str, Any], params: Mapping[str, Any]) -> list[tupl
 
 
 def describe(labels: Mapping[str, Any], params: Mapping[str, Any], strategy: Optional[Strategy] = None) -> str:
-    """A printable table of which leaves train, with counts."""
+    """A printable table of which leaves train, with counts; then the top-level modules that
+    train entirely and, for those only partly trainable, which of their parts train."""
     rows = summarize(labels, params)
     total = sum(r[2] for r in rows)
     lines = [f"strategy {strategy.spec}:" if strategy else "parameters:"]
     for label, n_tensors, n_params in rows:
         lines.append(f"  {label:<12} {n_tensors:>4} tensors {n_params:>13,} params ({100 * n_params / total:6.2f}%)")
-    flat = traverse_util.flatten_dict(dict(labels))
-    trainable_modules = sorted({p[0] for p, lb in flat.items() if lb != FROZEN}, key=_natural_key)
-    lines.append(f"  trains: {', '.join(trainable_modules)}")
+    trains, partly = trainable_modules(labels)
+    lines.append(f"  trains: {', '.join(trains) or 'no module entirely'}")
+    if partly:
+        lines.append("  partly: " + "; ".join(f"{name} ({', '.join(parts['trainable'])} trainable; "
+                                              f"{', '.join(parts['frozen'])} frozen)"
+                                              for name, parts in partly.items()))
     return "\n".join(lines)
+
+
+def trainable_modules(labels: Mapping[str, Any]) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+    """Top-level modules whose every leaf trains, and those where only some do, each with its
+    largest wholly trainable and wholly frozen parts (paths below the module, torch order)."""
+    flat = traverse_util.flatten_dict(dict(labels))
+    modules: dict[str, dict[Path, bool]] = {}
+    for path, label in flat.items():
+        modules.setdefault(path[0], {})[path[1:]] = label != FROZEN
+    trains, partly = [], {}
+    for name in sorted(modules, key=_natural_key):
+        leaves = modules[name]
+        if all(leaves.values()):
+            trains.append(name)
+        elif any(leaves.values()):
+            parts = {"trainable": [], "frozen": []}
+            for part, trainable in _uniform_parts(leaves):
+                parts["trainable" if trainable else "frozen"].append(path_str(part))
+            partly[name] = parts
+    return trains, partly
+
+
+def _uniform_parts(leaves: Mapping[Path, bool], prefix: Path = ()) -> list[tuple[Path, bool]]:
+    """The largest sub-paths of ``prefix`` whose leaves all share one trainable flag."""
+    children: dict[str, dict[Path, bool]] = {}
+    for path, trainable in leaves.items():
+        children.setdefault(path[0], {})[path[1:]] = trainable
+    parts = []
+    for child, below in children.items():
+        flags = set(below.values())
+        if len(flags) == 1:
+            parts.append((prefix + (child,), flags.pop()))
+        else:
+            parts.extend(_uniform_parts(below, prefix + (child,)))
+    return parts
 
 
 def _natural_key(name: str):

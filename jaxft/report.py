@@ -11,6 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxft.rundir import atomic_write, read_jsonl
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``, flushed at once."""
@@ -28,7 +30,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -52,6 +54,14 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig: Any, path: Path) -> Path:
+    """A PNG written atomically (a kill mid-write leaves the previous plot), then the figure closed."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_curves(epochs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Loss and accuracy per epoch, train and validation."""
     plt = _pyplot()
@@ -67,8 +77,7 @@ def plot_curves(epochs: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return path
 
 
@@ -87,22 +96,8 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
         for (i, j), value in np.ndenumerate(matrix):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return path
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -118,13 +113,15 @@ def write_comparison(headers: Sequence[str], rows: Sequence[Sequence[Any]], out_
                      value_column: str) -> dict[str, Path]:
     """comparison.md, comparison.csv and a bar plot of ``value_column`` per row."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "comparison.md"
-    md.write_text(markdown_table(headers, rows) + "\n")
-    csv_path = out_dir / "comparison.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(headers)
-        writer.writerows(rows)
+    md = atomic_write(out_dir / "comparison.md", lambda tmp: tmp.write_text(markdown_table(headers, rows) + "\n"))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(headers)
+            writer.writerows(rows)
+
+    csv_path = atomic_write(out_dir / "comparison.csv", write_csv)
     plt = _pyplot()
     col = list(headers).index(value_column)
     names, values = [str(r[0]) for r in rows], [float(r[col]) for r in rows]
@@ -134,7 +131,5 @@ def write_comparison(headers: Sequence[str], rows: Sequence[Sequence[Any]], out_
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
     fig.tight_layout()
-    plot = out_dir / "comparison.png"
-    fig.savefig(plot, dpi=100)
-    plt.close(fig)
+    plot = _save_figure(fig, out_dir / "comparison.png")
     return {"markdown": md, "csv": csv_path, "plot": plot}

@@ -8,12 +8,13 @@ if small, transfer-learning task. Deterministic: the same seed gives the same fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -69,42 +70,59 @@ def _tensors(images: np.ndarray, size: int):
     return torch.from_numpy(np.ascontiguousarray(normalized_images(images, size).transpose(0, 3, 1, 2)))
 
 
+@contextlib.contextmanager
+def seeded_deterministic_torch(seed: int) -> Iterator[None]:
+    """torch seeded with ``seed`` and restricted to deterministic algorithms inside the block
+    only: the caller's setting (and warn_only) and RNG states come back after, also on errors."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def train_source_model(recipe: SourceRecipe, log=print):
     """Train ``recipe.arch`` in PyTorch on digits 0-4; returns (model, metadata dict)."""
     import torch
     import torchvision
 
-    torch.manual_seed(recipe.seed)
-    torch.use_deterministic_algorithms(True)
-    images, labels, names = digits(SOURCE_CLASSES)
-    order = np.random.default_rng(recipe.seed).permutation(len(labels))
-    n_val = len(labels) // 5
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    x_train, y_train = _tensors(images[train_idx], recipe.image_size), torch.from_numpy(labels[train_idx])
-    x_val, y_val = _tensors(images[val_idx], recipe.image_size), torch.from_numpy(labels[val_idx])
+    with seeded_deterministic_torch(recipe.seed):
+        images, labels, names = digits(SOURCE_CLASSES)
+        order = np.random.default_rng(recipe.seed).permutation(len(labels))
+        n_val = len(labels) // 5
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        x_train, y_train = _tensors(images[train_idx], recipe.image_size), torch.from_numpy(labels[train_idx])
+        x_val, y_val = _tensors(images[val_idx], recipe.image_size), torch.from_numpy(labels[val_idx])
 
-    model = torchvision.models.get_model(recipe.arch, weights=None, num_classes=len(names))
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
-    steps_per_epoch = -(-len(train_idx) // recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    start = time.perf_counter()
-    for epoch in range(recipe.epochs):
-        model.train()
-        perm = torch.randperm(len(train_idx), generator=generator)
-        for i in range(steps_per_epoch):
-            batch = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        model.eval()
-        with torch.no_grad():
-            val_acc = float((model(x_val).argmax(1) == y_val).float().mean())
-        log(f"source {recipe.arch} epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
-            f"val accuracy {val_acc:.3f}")
+        model = torchvision.models.get_model(recipe.arch, weights=None, num_classes=len(names))
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay)
+        steps_per_epoch = -(-len(train_idx) // recipe.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr,
+                                                       total_steps=recipe.epochs * steps_per_epoch)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        start = time.perf_counter()
+        for epoch in range(recipe.epochs):
+            model.train()
+            perm = torch.randperm(len(train_idx), generator=generator)
+            for i in range(steps_per_epoch):
+                batch = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+                loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            model.eval()
+            with torch.no_grad():
+                val_acc = float((model(x_val).argmax(1) == y_val).float().mean())
+            log(f"source {recipe.arch} epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
+                f"val accuracy {val_acc:.3f}")
     meta = {
         **asdict(recipe),
         "classes": names,
@@ -146,7 +164,3 @@ def ensure_source_checkpoint(recipe: Optional[SourceRecipe] = None, log=print) -
         build_source_checkpoint(path, recipe, log)
     return path
 
-
-def source_metadata(path: Path) -> Optional[dict]:
-    meta = Path(path).with_suffix(".json")
-    return json.loads(meta.read_text()) if meta.exists() else None

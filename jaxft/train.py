@@ -20,18 +20,21 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
+from jaxft.config import (ConfigError, TrainConfig, add_config_flags, build_config, config_for_resume, config_to_dict,
+                          flag_name, load_config_file)
 from jaxft.pretrained import NO_WEIGHTS
+from jaxft.rundir import RunError, check_resumable, prepare_run_dir, write_json
 
 EXAMPLES = """\
 examples:
@@ -45,10 +48,6 @@ Strategies: full (fine-tune everything), head (linear probe), body, partial:0.8 
 80% of parameter tensors, torchvision order), regex:'layer4_.*=trainable;fc/.*=trainable;rest=frozen',
 gradual[:N] (unfreeze one stage more every N epochs). --weights none trains from scratch.
 """
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used as asked."""
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -76,35 +75,6 @@ def default_run_dir(cfg: TrainConfig) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    """Create ``path`` for a new run; refuse to touch an existing non-empty one unless ``overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise RunError(f"--out {path} is a file, not a directory")
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunError(f"--out {path} already holds files; pass --overwrite to replace them, --resume {path} to "
-                           f"continue that run, or choose another --out")
-        if not (path / "config.json").exists():
-            raise RunError(f"--overwrite refuses to empty {path}: it is not a jaxft run directory (no config.json)")
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"cannot write to --out {path}: {exc.strerror or exc}") from None
-    (path / "plots").mkdir(exist_ok=True)
-    return path
-
-
-def check_resumable(path: Path) -> None:
-    if not path.is_dir():
-        raise RunError(f"--resume {path}: no such directory")
-    if not (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
-        raise RunError(f"--resume {path} is not a jaxft run directory (expected config.json and checkpoints/)")
 
 
 def environment() -> dict[str, Any]:
@@ -135,22 +105,37 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class Progress:
-    """Everything besides the TrainState needed to continue a run exactly (saved as JSON)."""
+    """Everything besides the TrainState needed to continue a run exactly (saved as JSON beside
+    it: a checkpoint is the pair, and resume loads the pair as it is)."""
 
     epoch: int = 0  # the epoch in progress (0-based)
     step_in_epoch: int = 0
     global_step: int = 0
-    iterator: Any = None
+    stage_epoch: int = 0  # the epoch whose freeze stage (gradual) the saved optimizer state belongs to
+    iterator: Any = None  # the data iterator's state: the next batch to train on
     train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss_sum, correct, count
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluated epoch
-    best_accuracy: float = -1.0
-    best_epoch: int = 0
     train_seconds: float = 0.0  # inside train steps
     wall_seconds: float = 0.0  # the whole loop, evaluation and checkpoints included
     images_seen: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> "Progress":
+        progress = cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
+        if "stage_epoch" not in saved:  # saved before the stage was: an epoch-end save holds the ending epoch's
+            progress.stage_epoch = max(progress.epoch - (progress.step_in_epoch == 0), 0)
+        return progress
+
+    def best(self) -> tuple[int, float]:
+        """(epoch, validation accuracy) of the best epoch so far, the first of equals; (0, -1) before any."""
+        trained = [r for r in self.history if r["epoch"] >= 1]
+        if not trained:
+            return 0, -1.0
+        record = max(trained, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+        return record["epoch"], record["val_accuracy"]
 
 
 class StopRequested(Exception):
@@ -262,7 +247,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
     from jaxft.engine import Engine
-    from jaxft.freeze import describe, parse_strategy
+    from flax import traverse_util
+
+    from jaxft.freeze import describe, lr_groups, parse_strategy
     from jaxft.models.head import head_for
     from jaxft.optim import OptimConfig, learning_rate_schedule
     from jaxft.pretrained import load_pretrained
@@ -288,6 +275,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
                           f"(got {eval_t.crop_size})")
     full_labels = strategy.labels(model, variables["params"])
     log(describe(full_labels, variables["params"], strategy))
+    lr_rules = cfg.lr_rules()
+    lr_groups(full_labels, model, lr_rules, cfg.layer_decay)  # every pattern must match the model: checked now
 
     # The head strategy on deterministic inputs trains a LinearHead on backbone features
     # computed once per split (and cached on disk), instead of running the frozen backbone
@@ -308,6 +297,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
         engine_model = head_for(model, features["train"].features.shape[1])
         engine_variables = {"params": {model.head_name: variables["params"][model.head_name]}}
         engine_strategy = parse_strategy("full")
+        # the LinearHead holds the classifier alone: the rules for other (frozen) layers have nothing to scale
+        head_paths = ["/".join((model.head_name, *path)) for path in
+                      traverse_util.flatten_dict(variables["params"][model.head_name])]
+        lr_rules = [(pattern, mult) for pattern, mult in lr_rules
+                    if any(re.fullmatch(pattern, path) for path in head_paths)]
     else:
         data = {"train": splits.train, "val": splits.val, "test": splits.test}
         loader_eval_t, engine_model, engine_variables, engine_strategy = eval_t, model, variables, strategy
@@ -322,49 +316,73 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
                         int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
     engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=len(loader),
-                    bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=cfg.lr_rules(),
+                    bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=lr_rules,
                     layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log)
     return RunParts(strategy, splits, model, variables, info, full_labels, eval_t, engine, loader, val_loader,
                     test_loader, learning_rate_schedule(optim, len(loader)), use_features, reason)
 
 
+def resume_progress(parts: RunParts, cfg: TrainConfig, run_dir: Path, ckpts: Any) -> Progress:
+    """Load the latest (state, progress) pair into the engine, as it was saved."""
+    latest = ckpts.latest_step()
+    if latest is None:
+        raise RunError(f"--resume {run_dir}: the run has no checkpoint yet; start it again with --out")
+    progress = Progress.from_json(ckpts.progress(latest))
+    started = progress.epoch + (progress.step_in_epoch > 0)
+    if cfg.epochs < started:
+        raise RunError(f"--epochs {cfg.epochs}: {run_dir} has already trained {progress.epoch} epoch(s)"
+                       f"{' and started the next' if progress.step_in_epoch else ''}; --epochs can extend a run, "
+                       f"not take back trained epochs (--epochs {started} or more)")
+    # gradual unfreezing: the optimizer state has the shape of the stage it was saved in
+    parts.engine.set_epoch(progress.stage_epoch)
+    parts.engine.state, _ = ckpts.restore(latest, parts.engine.state)
+    return progress
+
+
 def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
-        quiet: bool) -> Progress:
+        quiet: bool, changes: Optional[dict[str, tuple[Any, Any]]] = None) -> Progress:
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
-    model in best/. Resumes from the latest checkpoint when ``resume``."""
+    model in best/. Resumes from the latest checkpoint when ``resume``, with ``changes``
+    ({setting: (old, new)}) to the run's configuration recorded at the step they take effect."""
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
     from jaxft.report import MetricsLog
+    from jaxft.rundir import replace_best, truncate_jsonl
 
     engine, steps_per_epoch = parts.engine, parts.loader.steps_per_epoch
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
     iterator = iter(parts.loader)
     if resume:
-        latest = ckpts.latest_step()
-        if latest is None:
-            raise RunError(f"--resume {run_dir}: the run has no checkpoint yet; start it again with --out")
-        saved = ckpts.progress(latest)
-        engine.set_epoch(saved["epoch"])  # gradual unfreezing: the stage, so the optimizer state fits
-        engine.state, saved = ckpts.restore(latest, engine.state)
-        progress = Progress(**saved)
+        try:
+            progress = resume_progress(parts, cfg, run_dir, ckpts)
+        except BaseException:
+            ckpts.close()
+            raise
         iterator.set_state(progress.iterator)
-        _truncate_metrics(run_dir / "metrics.jsonl", progress.global_step)
+        truncate_jsonl(run_dir / "metrics.jsonl", progress.global_step)
+        if changes:
+            write_json(run_dir / "config.json", config_to_dict(cfg))  # a later resume continues with them
         log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
-            f"step {progress.step_in_epoch}/{steps_per_epoch})")
+            f"step {progress.step_in_epoch}/{steps_per_epoch})"
+            + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    if resume:
+        metrics_log.write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
+                           "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
     model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
     wall_mark = time.perf_counter()
 
-    def save(val_accuracy: Optional[float] = None) -> None:
+    def save(val_accuracy: Optional[float] = None, iterator_state: Any = None) -> None:
         nonlocal wall_mark
         now = time.perf_counter()
         progress.wall_seconds += now - wall_mark
         wall_mark = now
-        progress.iterator = iterator.get_state()
+        progress.iterator = iterator_state if iterator_state is not None else iterator.get_state()
+        progress.stage_epoch = engine.epoch
         ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
 
     def record_epoch(record: dict[str, Any]) -> None:
@@ -387,9 +405,14 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                            disable=True if quiet else None, leave=False, unit="step")
                 epoch_start = time.perf_counter()
                 while progress.step_in_epoch < steps_per_epoch:
+                    position = iterator.get_state()
                     batch = next(iterator)
                     step_start = time.perf_counter()
-                    metrics = engine.train_step(batch)
+                    try:
+                        metrics = engine.train_step(batch)
+                    except NonFiniteLossError:
+                        save(iterator_state=position)  # the refused batch is the first one a resume trains
+                        raise
                     progress.train_seconds += time.perf_counter() - step_start
                     running.add(metrics)
                     progress.train_sums = [running.loss_sum, running.correct, running.count]
@@ -413,11 +436,10 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                         save()
                 bar.close()
                 stats, _, _ = evaluate(engine, parts.val_loader)
-                improved = stats.accuracy > progress.best_accuracy
+                improved = stats.accuracy > progress.best()[1]
                 if improved:
-                    progress.best_accuracy, progress.best_epoch = stats.accuracy, epoch + 1
-                    _replace_dir(run_dir / "best", lambda tmp: save_variables(
-                        tmp, parts.full_variables(engine.state.variables), model_meta))
+                    replace_best(run_dir, lambda directory: save_variables(
+                        directory, parts.full_variables(engine.state.variables), model_meta))
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
                               "epoch_seconds": round(time.perf_counter() - epoch_start, 2)})
@@ -427,8 +449,8 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                 save(stats.accuracy)
                 if interrupt.requested and epoch + 1 < cfg.epochs:
                     raise StopRequested
-    except (StopRequested, NonFiniteLossError):
-        save()  # the engine kept the last good state: that is what is saved
+    except StopRequested:
+        save()  # after a whole step: the iterator is at the next batch
         raise
     finally:
         metrics_log.close()
@@ -440,17 +462,17 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
     """Evaluate the best model on val and test; write summary.json and the plots."""
     from jaxft.checkpoint import load_variables
     from jaxft.freeze import FROZEN, summarize
-    from jaxft.report import (confusion_matrix, per_class_accuracy, plot_confusion, plot_curves, read_metrics,
-                              write_json)
+    from jaxft.report import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves, read_metrics
 
     engine, classes, spec = parts.engine, parts.splits.classes, parts.strategy.spec
+    best_epoch = progress.best()[0]
     best, _ = load_variables(run_dir / "best")
     best = parts.engine_part(best)
     engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
     last = progress.history[-1]
     summary: dict[str, Any] = {
         "run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data, "strategy": spec,
-        "bn_frozen": cfg.bn_frozen, "classes": list(classes), "best_epoch": progress.best_epoch,
+        "bn_frozen": cfg.bn_frozen, "classes": list(classes), "best_epoch": best_epoch,
         "epochs": cfg.epochs, "steps": progress.global_step,
         "train": {"loss": last["train_loss"], "accuracy": last["train_accuracy"],
                   "note": "running average over the last epoch, with augmentation"},
@@ -464,8 +486,10 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
                          "per_class_accuracy": per_class_accuracy(matrix, classes),
                          "confusion_matrix": matrix.tolist()}
         plot_confusion(matrix, classes, run_dir / "plots" / f"confusion_{name}.png",
-                       f"{cfg.arch} {spec}: {name} (best epoch {progress.best_epoch})")
-    rows = summarize(parts.full_labels, parts.variables["params"])
+                       f"{cfg.arch} {spec}: {name} (best epoch {best_epoch})")
+    # what trained by the end: gradual's last stage, every other strategy's only one
+    final_labels = parts.strategy.labels(parts.model, parts.variables["params"], epoch=cfg.epochs - 1)
+    rows = summarize(final_labels, parts.variables["params"])
     summary.update({
         "before_training": {"val_loss": progress.history[0]["val_loss"],
                             "val_accuracy": progress.history[0]["val_accuracy"]},
@@ -485,10 +509,9 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
-          quiet: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir`` (fresh or resumed); returns the summary."""
-    from jaxft.report import write_json
-
+          quiet: bool = False, changes: Optional[dict[str, tuple[Any, Any]]] = None) -> dict[str, Any]:
+    """Train per ``cfg`` into ``run_dir`` (fresh, or resumed with ``changes`` to its config); returns
+    the summary."""
     parts = build_run(cfg, run_dir, resume, log)
     if not resume:
         eval_t = parts.eval_transform
@@ -496,35 +519,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
             "arch": cfg.arch, "num_classes": len(parts.splits.classes), "classes": list(parts.splits.classes),
             "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
             "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": parts.info.meta.source})
-    progress = fit(parts, cfg, run_dir, resume, log, quiet)
+    progress = fit(parts, cfg, run_dir, resume, log, quiet, changes)
     return final_report(parts, cfg, run_dir, progress)
-
-
-def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write a directory next to ``target`` and swap it in, so a kill never leaves no best/."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from: they will be written again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _recover_best(run_dir: Path) -> None:
-    """A kill between the two renames of _replace_dir leaves best.old: put it back."""
-    best, old = run_dir / "best", run_dir / "best.old"
-    if not best.exists() and old.exists():
-        old.rename(best)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -551,27 +547,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_distributed()  # multi-host: joins the cluster when its environment is present
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "quiet")}
     created: Optional[Path] = None
+    run_dir: Optional[Path] = None
+    changes: dict[str, tuple[Any, Any]] = {}
     try:
+        file_values = load_config_file(args.config) if args.config else {}
         if args.resume:
             run_dir = Path(args.resume)
             check_resumable(run_dir)
-            _recover_best(run_dir)
-            if flags:
-                print(f"note: --resume continues with the run's own config.json; ignoring "
-                      f"{', '.join('--' + k.replace('_', '-') for k in flags)}", file=sys.stderr)
-            cfg = build_config(json.loads((run_dir / "config.json").read_text()), {}, str(run_dir / "config.json"))
+            saved = json.loads((run_dir / "config.json").read_text())
+            cfg, changes = config_for_resume(saved, file_values, flags, str(run_dir / "config.json"))
         else:
-            file_values = load_config_file(args.config) if args.config else {}
             cfg = build_config(file_values, flags, args.config or "flags")
             run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg), args.overwrite)
             created, cfg.out = run_dir, str(run_dir)
-            (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-            (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+            write_json(run_dir / "config.json", config_to_dict(cfg))
+            write_json(run_dir / "environment.json", environment())
         print(f"run directory: {run_dir}")
-        summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
-    except StopRequested:
-        print(f"interrupted: checkpoint saved; continue with python -m jaxft.train --resume {run_dir}",
-              file=sys.stderr)
+        summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet, changes=changes)
+    except (StopRequested, KeyboardInterrupt) as exc:
+        saved_now = isinstance(exc, StopRequested)
+        print(f"interrupted: {'checkpoint saved' if saved_now else 'stopped at once, the latest checkpoint is kept'}"
+              + (f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""), file=sys.stderr)
         return 130
     except user_errors() as exc:
         if created is not None and not (created / "checkpoints").exists():
@@ -579,7 +575,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc} It is saved; to continue with a lower learning rate: "
+              f"python -m jaxft.train --resume {run_dir} --lr {cfg.lr / 10:g}", file=sys.stderr)
         return 3
     test = f", test accuracy {summary['test']['accuracy']:.4f}" if "test" in summary else ""
     print(f"done: best val accuracy {summary['val']['accuracy']:.4f} at epoch {summary['best_epoch']}{test}; "

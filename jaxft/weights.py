@@ -9,10 +9,11 @@ torchvision's own download of a weights file the user asked for by name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Common wrappers around a state_dict in training checkpoints.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+log = logging.getLogger("jaxft.weights")
 
 
 class WeightsError(ValueError):
@@ -192,23 +195,80 @@ def resolve_state_dict(arch: str, source: Any) -> tuple[Mapping[str, Any], Weigh
                        f"a state_dict or an nn.Module")
 
 
+SIDECAR_KEYS = ("image_size", "mean", "std", "classes")
+SIDECAR_EXAMPLE = ('{"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], '
+                   '"classes": ["cat", "dog", ...]}')
+_announced: set[str] = set()  # weights files whose assumed preprocessing was already announced
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where a checkpoint file's metadata lives: ``model.pth`` -> ``model.json`` beside it."""
+    return Path(path).with_suffix(".json")
+
+
 def sidecar_meta(path: Path) -> WeightsMeta:
-    """Metadata for a checkpoint file: from ``<file>.json`` beside it when present (jaxft's source
-    checkpoints write one: classes, image_size, mean, std), else ImageNet's preprocessing."""
+    """Metadata for a checkpoint file from its sidecar ``<file stem>.json`` (jaxft's source
+    checkpoints write one; keys image_size, mean, std, classes, all optional). Whatever the
+    sidecar does not give is ImageNet's, and a warning says so once per file and process."""
     meta = WeightsMeta(source=str(path.resolve()))
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        try:
-            info = json.loads(sidecar.read_text())
-        except ValueError:
-            return meta  # not ours; the checkpoint itself is still usable
-        if isinstance(info, dict) and "image_size" in info:
-            size = int(info["image_size"])
-            meta.preprocessing = Preprocessing(resize_size=size, crop_size=size,
-                                               mean=tuple(info.get("mean", IMAGENET_MEAN)),
-                                               std=tuple(info.get("std", IMAGENET_STD)))
-            meta.categories = info.get("classes")
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        _announce_assumed(path, f"no metadata sidecar {sidecar} was found", ("image_size", "mean", "std"))
+        return meta
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        _announce_assumed(path, f"its sidecar {sidecar} is not readable JSON ({exc}) and is ignored",
+                          ("image_size", "mean", "std"))
+        return meta
+    if not isinstance(info, dict) or not any(key in info for key in SIDECAR_KEYS):
+        _announce_assumed(path, f"its sidecar {sidecar} is not a JSON object with any of the keys "
+                                f"{', '.join(SIDECAR_KEYS)} and is ignored", ("image_size", "mean", "std"))
+        return meta
+    default = Preprocessing()
+    size = _sidecar_value(sidecar, info, "image_size", "a positive whole number of pixels",
+                          lambda v: _number(v) and v > 0 and (isinstance(v, int) or v.is_integer()))
+    mean = _sidecar_value(sidecar, info, "mean", "a list of 3 numbers (one per RGB channel)",
+                          lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v)))
+    std = _sidecar_value(sidecar, info, "std", "a list of 3 positive numbers (one per RGB channel)",
+                         lambda v: isinstance(v, list) and len(v) == 3 and all(_number(x) and x > 0 for x in v))
+    classes = _sidecar_value(sidecar, info, "classes", "a non-empty list of class names (strings)",
+                             lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v))
+    size = int(size) if size else None
+    meta.preprocessing = Preprocessing(resize_size=size or default.resize_size, crop_size=size or default.crop_size,
+                                       mean=tuple(map(float, mean)) if mean else default.mean,
+                                       std=tuple(map(float, std)) if std else default.std)
+    meta.categories = classes
+    missing = tuple(key for key in ("image_size", "mean", "std") if key not in info)
+    if missing:
+        _announce_assumed(path, f"its sidecar {sidecar} has no {', '.join(missing)}", missing)
     return meta
+
+
+def _sidecar_value(sidecar: Path, info: Mapping[str, Any], key: str, what: str, valid) -> Any:
+    """``info[key]`` (None when absent); a present but invalid value is an error naming the key."""
+    value = info.get(key)
+    if key in info and not valid(value):
+        raise WeightsError(f"{sidecar}: {key!r} must be {what}, not {json.dumps(value)[:80]}; fix it or delete "
+                           f"the key (ImageNet's value is used then)")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _announce_assumed(path: Path, why: str, keys: Sequence[str]) -> None:
+    """One warning line per weights file: why metadata is missing, what is assumed, how to supply it."""
+    if str(path.resolve()) in _announced:
+        return
+    _announced.add(str(path.resolve()))
+    default = Preprocessing()
+    assumed = {"image_size": f"resize {default.resize_size}, center crop {default.crop_size}",
+               "mean": f"mean {list(default.mean)}", "std": f"std {list(default.std)}"}
+    log.warning("weights file %s: %s, so ImageNet preprocessing is assumed (%s). If these weights expect other "
+                "input, write %s as JSON, e.g. %s (image_size is the resize and crop size; every key optional).",
+                path, why, ", ".join(assumed[key] for key in keys), sidecar_path(path), SIDECAR_EXAMPLE)
 
 
 def preprocessing_of(weights) -> Preprocessing:

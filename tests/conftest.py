@@ -41,6 +41,14 @@ def source_checkpoint(jaxft_cache):
     return path
 
 
+@pytest.fixture
+def env(source_checkpoint, jaxft_cache, tmp_path):
+    """The environment of a CLI a test starts: the test run's source checkpoint cache, no torch
+    downloads."""
+    return {**os.environ, "JAXFT_CACHE": str(jaxft_cache), "TORCH_HOME": str(tmp_path / "torch_home"),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+
+
 @pytest.fixture(scope="session")
 def digits_5_9():
     """Digits 5-9 upscaled to 32 px and normalised like the source checkpoint: (x NHWC, y)."""

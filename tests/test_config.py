@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from jaxft.config import ConfigError, build_config, load_config_file
+from jaxft.config import (CHANGEABLE_ON_RESUME, ConfigError, build_config, config_for_resume, config_to_dict,
+                          load_config_file)
 
 
 def test_file_values_are_typed_and_flags_override(tmp_path):
@@ -22,7 +25,8 @@ def test_file_values_are_typed_and_flags_override(tmp_path):
     ({"epochs": 2.5}, "epochs must be int"),
     ({"weights": None}, "weights needs a value"),
     ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"val_split": 1.0}, r"--val-split must be in \[0, 1\)"),
+    ({"val_split": 1.0}, r"--val-split must be in \(0, 1\)"),
+    ({"val_split": 0.0}, r"--val-split must be in \(0, 1\), got 0.0: it is the fraction"),
     ({"label_smoothing": 1.5}, "--label-smoothing"),
     ({"layer_decay": -0.5}, r"--layer-decay must be in \(0, 1\]"),
     ({"warmup_epochs": -1}, "--warmup-epochs"),
@@ -53,3 +57,24 @@ def test_augmentation_defaults_off_for_tiny_builtins():
     assert build_config({"data": "lfw"}, {}).augmentation() is False
     assert build_config({"data": "tfds:cats_vs_dogs"}, {}).augmentation() is True
     assert build_config({"data": "digits", "augment": True}, {}).augmentation() is True
+
+
+def test_resume_takes_only_the_settings_that_can_change_mid_run(tmp_path):
+    saved = config_to_dict(build_config({"epochs": 3, "lr": 0.01, "out": "runs/x"}, {}))
+    cfg, changes = config_for_resume(saved, {}, {"lr": 0.001, "epochs": 5, "clip_grad": 1.0},
+                                     "config.json")
+    assert (cfg.lr, cfg.epochs, cfg.clip_grad) == (0.001, 5, 1.0)
+    assert changes == {"lr": (0.01, 0.001), "epochs": (3, 5), "clip_grad": (None, 1.0)}
+    same, none = config_for_resume(saved, {}, {"lr": 0.01, "batch_size": saved["batch_size"]}, "config.json")
+    assert none == {} and config_to_dict(same) == saved  # restating the run's own values changes nothing
+    path = tmp_path / "more.yaml"
+    path.write_text("epochs: 4\n")
+    assert config_for_resume(saved, load_config_file(path), {}, str(path))[1] == {"epochs": (3, 4)}
+    for flags, needle in (({"batch_size": 64}, "cannot change --batch-size 64 (the run has 32)"),
+                          ({"strategy": "head", "seed": 1}, "cannot change --strategy head (the run has full), "
+                                                            "--seed 1 (the run has 0)"),
+                          ({"out": "elsewhere"}, "cannot change --out elsewhere")):
+        with pytest.raises(ConfigError, match=re.escape(needle) + ".*--resume may change: .*--lr, --clip-grad"):
+            config_for_resume(saved, {}, flags, "config.json")
+    assert set(CHANGEABLE_ON_RESUME) == {"data_dir", "epochs", "lr", "clip_grad", "workers", "save_every", "keep",
+                                         "log_every"}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -13,7 +16,7 @@ import torchvision
 from jaxft.parity import torch_reference
 from jaxft import ConversionError, UnknownArchError, WeightsError, create_model, from_torch, load_pretrained, to_torch
 from jaxft.checkpoint import CheckpointError, load_variables, save_variables
-from jaxft.weights import cached_weights_path, weights_enum
+from jaxft.weights import Preprocessing, cached_weights_path, sidecar_meta, weights_enum
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +193,57 @@ def test_cached_imagenet_file_is_used_without_network(offline_torch_home):
                                   state_dict["layer4.1.conv2.weight"])
 
 
+def test_weights_file_without_sidecar_says_what_is_assumed_once(tmp_path, resnet18_state_dict, caplog):
+    path = tmp_path / "mine.pth"
+    torch.save(resnet18_state_dict, path)
+    with caplog.at_level(logging.WARNING, logger="jaxft.weights"):
+        _, _, info = load_pretrained("resnet18", path, num_classes=3)
+        load_pretrained("resnet18", path, num_classes=3)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "jaxft.weights"]  # once, one line
+    assert "\n" not in line
+    for needle in (str(path), f"no metadata sidecar {tmp_path / 'mine.json'} was found", "resize 256, center crop 224",
+                   "mean [0.485, 0.456, 0.406]", "std [0.229, 0.224, 0.225]", f"write {tmp_path / 'mine.json'} as JSON",
+                   '"image_size": 224', '"classes": ['):
+        assert needle in line, needle
+    assert info.meta.preprocessing == Preprocessing()
+
+
+@pytest.mark.parametrize("sidecar, said", [
+    ({"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "classes": list("abcdefghij")}, None),
+    ({"classes": list("abcdefghij")}, "has no image_size, mean, std"),
+    ({"image_size": 64}, "has no mean, std, so ImageNet preprocessing is assumed (mean [0.485"),
+    ("{not json", "is not readable JSON"),
+    ({"epochs": 3}, "is not a JSON object with any of the keys image_size, mean, std, classes"),
+])
+def test_sidecar_keys_are_used_and_what_is_missing_is_said(tmp_path, resnet18_file, caplog, sidecar, said):
+    path = tmp_path / "mine.pth"
+    path.write_bytes(resnet18_file.read_bytes())
+    path.with_suffix(".json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
+    with caplog.at_level(logging.WARNING, logger="jaxft.weights"):
+        meta = sidecar_meta(path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "jaxft.weights"]
+    assert lines == [] if said is None else (len(lines) == 1 and said in lines[0]), lines
+    if isinstance(sidecar, dict):
+        assert meta.categories == sidecar.get("classes")
+        size = sidecar.get("image_size")
+        assert (meta.preprocessing.resize_size, meta.preprocessing.crop_size) == ((size, size) if size else (256, 224))
+        assert meta.preprocessing.mean == tuple(sidecar.get("mean", Preprocessing().mean))
+
+
+@pytest.mark.parametrize("sidecar, key", [
+    ({"image_size": "224"}, "'image_size' must be a positive whole number"),
+    ({"image_size": 32, "std": [1, 1, 0]}, "'std' must be a list of 3 positive numbers"),
+    ({"mean": [0.5, 0.5]}, "'mean' must be a list of 3 numbers"),
+    ({"classes": "cat,dog"}, "'classes' must be a non-empty list of class names"),
+])
+def test_bad_sidecar_values_are_errors_naming_the_key(tmp_path, resnet18_file, sidecar, key):
+    path = tmp_path / "mine.pth"
+    path.write_bytes(resnet18_file.read_bytes())
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(WeightsError, match=re.escape(f"{path.with_suffix('.json')}: {key}")):
+        load_pretrained("resnet18", path)
+
+
 # --- a pretrained backbone for a new task ------------------------------------------------------
 
 @pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("vgg11", "classifier.6")])
@@ -294,8 +348,11 @@ def test_cli_errors_are_one_clear_line(tmp_path, resnet18_file, offline_torch_ho
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet18", "--out", tmp_path / "mine", "--overwrite"),
-                            "not a jaxft checkpoint")
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+                            "not a jaxft orbax checkpoint")
+    (tmp_path / "mine" / "meta").mkdir()  # a user's folder that happens to hold a 'meta' folder too
+    _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet18", "--out", tmp_path / "mine", "--overwrite"),
+                            "not a jaxft orbax checkpoint")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (tmp_path / "mine" / "meta").is_dir()
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 

@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,6 +269,28 @@ def test_bad_folders_get_clear_errors(tmp_path, case, match):
     with pytest.raises(DataError, match=match) as info:
         open_dataset(str(target))
     assert str(target) in str(info.value)
+
+
+def test_symlink_cycles_are_walked_once(tmp_path):
+    root = tmp_path / "data"
+    make_class_folders(root, n=2)
+    make_class_folders(tmp_path / "elsewhere", classes={"dog": skdata.chelsea}, n=2)
+    os.symlink(tmp_path / "elsewhere" / "dog", root / "dog")  # a linked class folder is still followed
+    os.symlink("..", root / "cat" / "loop")  # two links back to the root: 2**40 paths if followed blindly
+    os.symlink("..", root / "coffee" / "up")
+    (root / "coffee" / "deeper").mkdir()
+    os.symlink(root / "cat", root / "coffee" / "deeper" / "cat_again")  # a second link to a walked folder
+    # in a subprocess with a timeout: an endless walk must fail the test, not hang it
+    code = ("import json, sys; from jaxft.data.folder import scan_folder; "
+            "print(json.dumps(sorted(scan_folder(sys.argv[1]).images)))")
+    result = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = sorted(f"{c}/{c}_{j:02d}.jpg" for c in (*CLASS_IMAGES, "dog") for j in range(2))
+    assert json.loads(result.stdout) == expected
+    [note] = [line for line in result.stderr.splitlines() if "symlinked folder" in line]
+    assert "3 symlinked folder(s)" in note and "cat/loop" in note and "coffee/up" in note
+    assert "coffee/deeper/cat_again" in note and str(root) in note
 
 
 def test_builtin_specs():

@@ -209,6 +209,19 @@ def test_nan_loss_stops_with_the_last_good_state(resnet18_setup):
     assert int(engine.state.step) == good[1] + 1
 
 
+def test_an_update_that_overflows_the_parameters_is_refused(resnet18_setup):
+    """Loss and gradients are finite, but the learning rate (inf in float32) makes the parameters
+    non-finite: the step must not keep them."""
+    model, variables = resnet18_setup
+    engine = Engine(model, variables, parse_strategy("full"), OptimConfig("sgd", lr=1e39, momentum=0.0))
+    before = _flat(engine.state.params)
+    with pytest.raises(NonFiniteLossError, match="the parameters became NaN/inf at step 1; the update was refused"):
+        engine.train_step(_batch(0))
+    assert int(engine.state.step) == 0
+    after = _flat(engine.state.params)
+    assert all(np.array_equal(before[k], after[k]) for k in after)
+
+
 DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np

@@ -7,29 +7,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from clitools import assert_same_result, cli, interrupt_when, logged_steps, saved_steps, start_training
 
 # Small and fast: digits 5-9 at 32 px, two epochs of 22 steps.
 FAST = ["--epochs", "2", "--batch-size", "32", "--strategy", "partial:0.8", "--quiet"]
-
-
-def cli(module: str, *args, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-@pytest.fixture
-def env(source_checkpoint, jaxft_cache, tmp_path):
-    """The CLI's environment: the test run's source checkpoint cache, no torch downloads."""
-    return {**os.environ, "JAXFT_CACHE": str(jaxft_cache), "TORCH_HOME": str(tmp_path / "torch_home"),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 
 def assert_run_outputs(run: Path, classes: int) -> dict:
@@ -129,59 +116,43 @@ def test_same_seed_twice_gives_identical_metrics(env, tmp_path):
         assert summaries[0][key]["accuracy"] == summaries[1][key]["accuracy"]
 
 
-def _kill_when(proc: subprocess.Popen, run: Path, trigger: str, delay: float, sig=signal.SIGKILL) -> None:
-    """Send ``sig`` (SIGKILL) to ``proc`` once it is training (``delay`` s after the first step is logged) or, for
-    ``trigger == 'save'``, the moment orbax starts writing a checkpoint after the first one."""
-    deadline = time.time() + 300
-    metrics = run / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if trigger == "save":
-            tmp = list((run / "checkpoints").glob("*tmp*")) if (run / "checkpoints").exists() else []
-            done = [p for p in (run / "checkpoints").glob("[0-9]*")] if (run / "checkpoints").exists() else []
-            if tmp and done:
-                break
-            time.sleep(0.005)
-        else:
-            if metrics.exists() and '"event": "step"' in metrics.read_text():
-                time.sleep(delay)
-                break
-            time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=300)
-
-
 def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
-    args = [*FAST, "--save-every", "4", "--log-every", "2"]
+    """Killed at random steps, mid-save and by Ctrl-C, then resumed: the same result, bit for bit,
+    with augmentation on (its draws must resume too)."""
+    args = [*FAST, "--augment", "--save-every", "4", "--log-every", "1"]
     reference = tmp_path / "reference"
     result = cli("jaxft.train", *args, "--out", reference, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = json.loads((reference / "summary.json").read_text())
+    total = expected["steps"]
 
     rng = random.Random(0)
-    for trial, trigger in enumerate(("time", "save", "time", "ctrl-c")):
+    for trial, trigger in enumerate(("step", "save", "step", "ctrl-c")):
         run = tmp_path / f"killed{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, "--out", str(run)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if trigger == "ctrl-c":  # SIGINT: finish the step, checkpoint, exit 130 with the resume command
-            _kill_when(proc, run, "time", delay=1.0, sig=signal.SIGINT)
-            assert proc.returncode == 130 and "--resume" in proc.stderr.read()
+        proc = start_training(*args, "--out", run, env=env)
+        at = rng.randint(6, total - 4)
+        if trigger == "save":  # the moment orbax writes a checkpoint after the first
+            def ready(run=run):
+                folder = run / "checkpoints"
+                return bool(saved_steps(run)) and any("tmp" in p.name for p in folder.iterdir())
         else:
-            _kill_when(proc, run, trigger, delay=rng.uniform(0.5, 6.0))
-        proc.stderr.close()
-        assert not (run / "summary.json").exists(), "killed too late: the run had finished"
+            def ready(run=run, at=at):
+                return max(logged_steps(run), default=0) >= at
+        sig = signal.SIGINT if trigger == "ctrl-c" else signal.SIGKILL
+        code, stderr = interrupt_when(proc, ready, sig)
+        if trigger == "ctrl-c":  # finish the step, checkpoint, exit 130 with the resume command
+            assert code == 130 and "--resume" in stderr, stderr[-2000:]
+        else:
+            assert code == -signal.SIGKILL, (trial, code, stderr[-2000:])
+        assert not (run / "summary.json").exists() and saved_steps(run), trial
         result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
-        if "has no checkpoint yet" in result.stderr:  # killed before the first save: start again
-            continue
         assert result.returncode == 0, f"trial {trial}: {result.stderr[-3000:]}"
-        resumed = json.loads((run / "summary.json").read_text())
-        for key in ("train", "val"):
-            assert resumed[key]["loss"] == pytest.approx(expected[key]["loss"], rel=1e-6), (trial, key)
-            assert resumed[key]["accuracy"] == expected[key]["accuracy"], (trial, key)
-        assert resumed["best_epoch"] == expected["best_epoch"] and resumed["steps"] == expected["steps"]
+        resumed_at = int(result.stdout.split("resumed ")[1].split(" at step ")[1].split()[0])
+        assert 0 < resumed_at < total, (trial, resumed_at)
+        assert_same_result(json.loads((run / "summary.json").read_text()), expected)
         assert not list((run / "checkpoints").glob("*tmp*")), "a temporary checkpoint was left behind"
-        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["event"] == "step"]
-        assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
+        steps = logged_steps(run)
+        assert steps == list(range(1, total + 1)), "metrics.jsonl misses or repeats steps after the resume"
 
 
 def test_compare_table(env, tmp_path):
@@ -197,11 +168,12 @@ def test_compare_table(env, tmp_path):
 
 # --- bad input -------------------------------------------------------------------------------------
 
-def _one_clear_line(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode != 0
+def _one_clear_line(result: subprocess.CompletedProcess, needle: str, code: int = 2) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    assert errors[0].startswith("python -m jaxft.train: error:"), errors[0]
 
 
 def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
@@ -223,6 +195,10 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o500)
+    project = tmp_path / "project"  # a user's folder that happens to hold a config.json
+    project.mkdir()
+    (project / "config.json").write_text(json.dumps({"arch": "resnet18", "data": "mine", "strategy": "full"}))
+    (project / "train.py").write_text("# the user's own code")
 
     cases = [
         (["--data", tmp_path / "no_such_folder"], "no_such_folder"),
@@ -234,6 +210,8 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--out", run], "--overwrite"),
         (["--strategy", "partial:2"], "(0, 1]"),
+        (["--out", project, "--overwrite"], "refuses to empty"),
+        (["--val-split", "0"], "--val-split must be in (0, 1)"),
     ]
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((["--out", readonly / "run"], "cannot write"))
@@ -243,6 +221,8 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(env, tmp_path):
         _one_clear_line(result, needle)
     assert (run / "keep.txt").read_text() == "precious" and sorted(p.name for p in run.iterdir()) == [
         "config.json", "keep.txt"]
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "train.py"]
+    assert json.loads((project / "config.json").read_text())["data"] == "mine"
     assert not (tmp_path / "new_run").exists()  # failed runs leave no half-made directory
 
 
@@ -250,10 +230,27 @@ def test_nan_loss_stops_and_checkpoints_the_last_good_state(env, tmp_path):
     run = tmp_path / "diverged"
     result = cli("jaxft.train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "1", "--save-every", "1000",
                  "--out", run, "--quiet", env=env)
-    _one_clear_line(result, "NaN/inf")
-    assert result.returncode == 3
+    _one_clear_line(result, "became NaN/inf at step 2", code=3)
+    assert f"--resume {run} --lr 1e+29" in result.stderr  # the way on, with a lower rate
     from jaxft.checkpoint import RunCheckpoints
 
     ckpts = RunCheckpoints(run / "checkpoints", read_only=True)
     step = ckpts.latest_step()
     assert step is not None and ckpts.progress(step)["global_step"] == step  # saved at the last good step
+
+
+def test_lr_mult_reaches_the_head_trained_on_cached_features(source_checkpoint, tmp_path):
+    """The head strategy trains a LinearHead on cached features; --lr-mult rules written for the
+    whole model (one for a frozen stage, one for the head) work there as they do without the cache."""
+    from flax import traverse_util
+
+    from jaxft.config import build_config
+    from jaxft.train import build_run
+
+    cfg = build_config({"strategy": "head", "lr_mult": "layer4_.*=0.1;fc/bias=10", "epochs": 1}, {})
+    parts = build_run(cfg, tmp_path, resume=False, log=lambda *_: None)
+    assert parts.use_features
+    labels = traverse_util.flatten_dict(parts.engine.labels)
+    assert labels == {("fc", "kernel"): "trainable", ("fc", "bias"): "trainable*10"}
+    with pytest.raises(Exception, match="matching no parameter: layer5_"):
+        build_run(build_config({"strategy": "head", "lr_mult": "layer5_.*=0.1"}, {}), tmp_path, False, lambda *_: None)

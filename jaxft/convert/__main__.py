@@ -82,10 +82,13 @@ def _check_logits(arch: str, variables, state_dict) -> float:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing ``out`` unless ``overwrite``; checked before any work is done."""
+    from jaxft.checkpoint import is_variables_dir
+
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    if out.is_dir() and not (out / "meta").exists():
-        raise FileExistsError(f"--overwrite refuses to delete {out}: it is a directory but not a jaxft checkpoint")
+    if out.is_dir() and not is_variables_dir(out):
+        raise FileExistsError(f"--overwrite refuses to delete {out}: it is a directory but not a jaxft orbax "
+                              f"checkpoint (only 'variables', 'meta' and orbax's own files)")
     if not out.parent.is_dir():
         raise FileExistsError(f"the folder of --out {out} does not exist; create {out.parent} first")
 

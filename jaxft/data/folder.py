@@ -98,12 +98,26 @@ def _save_verdicts(path: Path, root: Path, files: dict[str, list]) -> None:
 
 
 def _walk(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str], list[str]]:
-    """(image-extension files with (size, mtime_ns), unreadable ones with why, other files)."""
+    """(image-extension files with (size, mtime_ns), unreadable ones with why, other files).
+
+    Symlinks are followed, as torchvision does, but no directory (by device and inode) is
+    entered twice: a link back to a parent folder, or a second link to a folder already
+    walked, is reported once and not followed, so a cycle cannot make the walk endless."""
     candidates: dict[str, tuple[int, int]] = {}
     unreadable: dict[str, str] = {}
     others: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # followlinks: as torchvision
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+    seen = {_dir_id(root)}
+    repeated: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not _hidden(d)):
+            identity = _dir_id(Path(dirpath, name))
+            if identity is not None and identity in seen:
+                repeated.append(os.path.relpath(os.path.join(dirpath, name), root))
+                continue
+            seen.add(identity)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if _hidden(name):
                 continue
@@ -118,7 +132,21 @@ def _walk(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str], list[
                 unreadable[rel] = f"cannot be read ({exc.strerror})"
                 continue
             candidates[rel] = (stat.st_size, stat.st_mtime_ns)
+    if repeated:
+        log.warning("%s: not following %d symlinked folder(s) that lead to a folder already scanned (a link cycle or "
+                    "a second link to the same folder), so their images count once: %s", root, len(repeated),
+                    _some(repeated))
     return candidates, unreadable, others
+
+
+def _dir_id(path: Path) -> Optional[tuple[int, int]]:
+    """A directory's identity whatever the path to it: (device, inode) of its real target;
+    None when it cannot be read (os.walk then skips it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def scan_folder(root: os.PathLike | str, workers: Optional[int] = None) -> FolderScan:
