@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxft.convert import (count_params, infer_num_classes, state_dict_to_variables, strip_prefix,
                            torch_module_name, variables_to_state_dict)
 from jaxft.models import check_arch, create_model
-from jaxft.weights import WeightsMeta, imagenet_categories, resolve_state_dict
+from jaxft.weights import WeightsMeta, resolve_state_dict
 
 NO_WEIGHTS = (None, "none", "random", "scratch")
 
@@ -57,8 +57,7 @@ def load_pretrained(
     if weights in NO_WEIGHTS:
         model = create_model(arch, num_classes=num_classes or 1000, **model_kwargs)
         variables = init_variables(model, seed)
-        meta = WeightsMeta(source="random init", categories=imagenet_categories() if model.num_classes == 1000
-                           and num_classes is None else None)
+        meta = WeightsMeta(source="random init")  # no weights, no class names
         return model, variables, PretrainedInfo(arch, model.num_classes, meta, [], count_params(variables))
 
     state_dict, meta = resolve_state_dict(arch, weights)
@@ -74,7 +73,6 @@ def load_pretrained(
         replaced = [k for k in fresh if k.startswith(head)]
         state_dict = {**state_dict, **{k: fresh[k] for k in replaced}}
         meta.categories = None  # the new head's classes are the dataset's, not the checkpoint's
-    elif meta.categories is None and num_classes == 1000:
-        meta.categories = imagenet_categories()
+    # (a file without class names keeps none: 1000 outputs are not proof that they are ImageNet's)
     variables = state_dict_to_variables(model, state_dict, arch, as_loaded)
     return model, variables, PretrainedInfo(arch, num_classes, meta, replaced, count_params(variables))

@@ -1,11 +1,12 @@
 """The run directory: what it holds, how to recognise one, and writes that a crash cannot tear.
 
-Every file jaxft writes into a run directory goes through here. A crash (SIGKILL, power loss)
-at any moment leaves each file either as it was or as it was meant to be, never half
-written: JSON and plots are written beside their target and renamed over it, and ``best``
-is a symbolic link swapped in one rename to a directory that is complete before the link
-points to it. ``--overwrite`` empties a directory only when every entry in it is one of
-these names, so a user's own folder is never taken for a run.
+A crash (SIGKILL, power loss) at any moment leaves each file either as it was or as it was
+meant to be, never half written: JSON files and plots are written beside their target and
+renamed over it, and ``best`` is a symbolic link swapped in one rename to a directory that is
+complete before the link points to it. ``metrics.jsonl`` is appended (``report.MetricsLog``)
+and read through :func:`read_jsonl`, which drops a last line a kill cut short; orbax writes
+``checkpoints/`` its own atomic way. ``--overwrite`` empties a directory only when every entry
+in it is one of these names, so a user's own folder is never taken for a run.
 """
 
 from __future__ import annotations

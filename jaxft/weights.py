@@ -60,12 +60,6 @@ class WeightsMeta:
         return cls(source=data.get("source", "unknown"), categories=data.get("categories"), preprocessing=pre)
 
 
-def imagenet_categories() -> list[str]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return list(_IMAGENET_CATEGORIES)
-
-
 def _weights_enum_class(arch: str):
     import torchvision
 

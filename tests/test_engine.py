@@ -45,6 +45,13 @@ def resnet18_setup():
 @pytest.mark.parametrize("spec", STRATEGIES)
 def test_frozen_leaves_and_statistics_stay_bit_identical(resnet18_setup, spec, bn_policy):
     model, variables = resnet18_setup
+
+    def negative_zero_first(x):  # -0.0 == +0.0 as values: only bytes tell whether p + 0 ran
+        x = np.array(x)
+        x.reshape(-1)[0] = -0.0
+        return x
+
+    variables = {**variables, "params": jax.tree_util.tree_map(negative_zero_first, variables["params"])}
     # AdamW with weight decay: decay must never reach a frozen leaf.
     engine = Engine(model, variables, parse_strategy(spec), OptimConfig("adamw", lr=1e-2, weight_decay=0.1),
                     total_steps=10, bn_policy=bn_policy)
@@ -56,11 +63,11 @@ def test_frozen_leaves_and_statistics_stay_bit_identical(resnet18_setup, spec, b
 
     assert any(label == FROZEN for label in labels.values()) == (spec != "full")
     for path, label in labels.items():
-        moved = not np.array_equal(before_params[path], after_params[path])
+        moved = before_params[path].tobytes() != np.asarray(after_params[path]).tobytes()
         assert moved == (label != FROZEN), f"{'/'.join(path)} ({label}) moved={moved}"
     for path in before_stats:  # path = (..., bn, mean|var)
         bn_frozen = labels[path[:-1] + ("scale",)] == FROZEN
-        moved = not np.array_equal(before_stats[path], after_stats[path])
+        moved = np.asarray(before_stats[path]).tobytes() != np.asarray(after_stats[path]).tobytes()
         assert moved == (bn_policy == "torch" or not bn_frozen), f"{'/'.join(path)} moved={moved}"
 
 
@@ -237,9 +244,10 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     model, variables, _ = load_pretrained("resnet18", sys.argv[1], num_classes=5, new_head=True)
     images, labels, _ = digits(range(5, 10))
-    x = (resize_images(images[:58], 32).astype(np.float32) / 255 - 0.45) / 0.225
-    batches = [{"image": x[a:b], "label": labels[a:b]} for a, b in ((0, 16), (16, 32), (32, 48), (48, 58))]
-    out, notes, final = {}, [], {}  # the last batch (10) does not divide over 4 devices
+    x = (resize_images(images[:64], 32).astype(np.float32) / 255 - 0.45) / 0.225
+    spans = ((0, 16), (16, 32), (32, 48), (48, 58), (58, 64))
+    batches = [{"image": x[a:b], "label": labels[a:b]} for a, b in spans]
+    out, notes, final = {}, [], {}  # the last two batches (10, 6) do not divide over 4 devices
     for n_dev in (1, 4):
         engine = Engine(model, variables, parse_strategy(sys.argv[2]), OptimConfig("sgd", lr=0.01),
                         bn_policy="torch", mesh=data_mesh(jax.devices()[:n_dev]), on_padding=notes.append)
@@ -267,9 +275,9 @@ def test_one_and_four_devices_agree(spec, source_checkpoint):
     one, four = out["1"], out["4"]
     assert one["shards"] == [[16, 32, 32, 3]] and four["shards"] == [[4, 32, 32, 3]] * 4
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
-    # every parameter and BatchNorm statistic after 4 steps: float32 reduction-order noise only
+    # every parameter and BatchNorm statistic after 5 steps: float32 reduction-order noise only
     # (measured: about 2e-7). From random init on noise inputs, gradients of norm ~60 amplify
     # that noise chaotically, so the comparison uses real weights and data.
     assert out["leaves"] == 62 + 40 and out["worst_leaf_error"] <= 1e-5
     assert out["notes"] == ["a batch of 10 does not divide over 4 devices: padded with 2 masked samples "
-                            "(they change no loss, metric or BatchNorm statistic)"]
+                            "(they change no loss, metric or BatchNorm statistic)"]  # said once, not per batch

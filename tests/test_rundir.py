@@ -101,3 +101,17 @@ def test_overwrite_empties_only_a_jaxft_run_directory(tmp_path):
         prepare_run_dir(run, overwrite=False)
     prepare_run_dir(run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["plots"]
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+    """--keep N: the latest N saves stay, and the best by validation accuracy beside them."""
+    from jaxft.checkpoint import RunCheckpoints
+
+    ckpts = RunCheckpoints(tmp_path / "checkpoints", keep=2)
+    accuracies = {10: 0.5, 20: 0.9, 30: 0.7, 40: None, 50: 0.6}  # None: a mid-epoch save
+    for step, accuracy in accuracies.items():
+        ckpts.save(step, {"w": np.full(3, step, np.float32)}, {"global_step": step}, accuracy)
+    assert ckpts.manager.all_steps() == [20, 40, 50]
+    state, progress = ckpts.restore(20, {"w": np.zeros(3, np.float32)})
+    assert float(state["w"][0]) == 20 and progress == {"global_step": 20}
+    ckpts.close()

@@ -164,6 +164,11 @@ def test_compare_table(env, tmp_path):
     assert table.splitlines()[0].startswith("| strategy") and "| head" in table and "| scratch" in table
     rows = (out / "comparison.csv").read_text().splitlines()
     assert len(rows) == 3 and (out / "comparison.png").stat().st_size > 5000
+    # --overwrite replaces an earlier comparison, never a folder of the user's
+    (out / "notes.md").write_text("mine")
+    refused = cli("jaxft.compare", "--strategies", "head", "--epochs", "1", "--out", out, "--overwrite", env=env)
+    assert refused.returncode == 2 and "refuses to write into" in refused.stderr and "notes.md" in refused.stderr
+    assert (out / "notes.md").read_text() == "mine" and (out / "comparison.md").read_text() == table
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -254,3 +259,21 @@ def test_lr_mult_reaches_the_head_trained_on_cached_features(source_checkpoint, 
     assert labels == {("fc", "kernel"): "trainable", ("fc", "bias"): "trainable*10"}
     with pytest.raises(Exception, match="matching no parameter: layer5_"):
         build_run(build_config({"strategy": "head", "lr_mult": "layer5_.*=0.1"}, {}), tmp_path, False, lambda *_: None)
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first Ctrl-C asks the loop to stop after its step (and checkpoint); the second, for a
+    user who will not wait, raises at once (main turns it into exit 130 without a traceback)."""
+    import time
+
+    from jaxft.train import InterruptFlag
+
+    previous = signal.getsignal(signal.SIGINT)
+    with InterruptFlag() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGINT) is previous
