@@ -152,7 +152,8 @@ def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch names a class it does not allow one way, a blocked module (os, posix...) another
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if refused:
             raise WeightsError(
                 f"{path} contains pickled Python objects beyond tensors ({refused.group(1)}; for example a whole "

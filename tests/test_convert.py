@@ -102,28 +102,45 @@ def test_sources_module_state_dict_pth_and_safetensors_agree(tmp_path, resnet18_
                                                                (converted, reference))))
 
 
-def test_training_checkpoint_wrapper_is_unwrapped(tmp_path, resnet18_state_dict):
+@pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict", "model"])
+def test_training_checkpoint_wrapper_is_unwrapped(tmp_path, resnet18_state_dict, wrapper):
     path = tmp_path / "ckpt.pth"
-    torch.save({"epoch": 3, "state_dict": resnet18_state_dict}, path)
-    assert from_torch("resnet18", path)["params"]["fc"]["kernel"].shape == (512, 10)
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, wrapper: resnet18_state_dict}, path)
+    variables = from_torch("resnet18", path)
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], resnet18_state_dict["fc.weight"].numpy().T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_is_read_as_float32(tmp_path, resnet18_state_dict, dtype):
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in resnet18_state_dict.items()}
+    path = tmp_path / "half.pth"
+    torch.save(half, path)
+    variables = from_torch("resnet18", path)
+    leaves = __import__("jax").tree_util.tree_leaves(variables)
+    assert {np.asarray(leaf).dtype for leaf in leaves} == {np.dtype(np.float32)}
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], half["fc.weight"].float().numpy().T)
 
 
 @pytest.mark.parametrize("content,match", [
     (b"", "is empty"),
     (b"hello, I am a text file\n", "not a readable PyTorch checkpoint"),
+    (bytes(range(256)) * 4, "not a readable PyTorch checkpoint"),
 ])
 def test_non_checkpoint_files(tmp_path, content, match):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match=match):
+    with pytest.raises(WeightsError, match=match) as err:
         from_torch("resnet18", path)
+    # torch's own message advises re-running with `weights_only` set to `False`: wrong for garbage bytes
+    assert "weights_only=False" not in str(err.value) and "weights_only" not in str(err.value)
 
 
 def test_truncated_checkpoint(tmp_path, resnet18_file):
     path = tmp_path / "truncated.pth"
     path.write_bytes(resnet18_file.read_bytes()[: resnet18_file.stat().st_size // 2])
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint .truncated"):
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint .truncated") as err:
         from_torch("resnet18", path)
+    assert "weights_only=False" not in str(err.value) and "weights_only" not in str(err.value)
 
 
 def test_truncated_safetensors(tmp_path, resnet18_state_dict):
@@ -140,8 +157,25 @@ def test_truncated_safetensors(tmp_path, resnet18_state_dict):
 def test_pickled_module_is_refused(tmp_path):
     path = tmp_path / "whole_model.pth"
     torch.save(torchvision.models.resnet18(), path)
-    with pytest.raises(WeightsError, match="refuses"):
+    with pytest.raises(WeightsError, match="refuses") as err:
         from_torch("resnet18", path)
+    message = str(err.value)
+    assert "torchvision.models.resnet.ResNet" in message  # the offending global
+    assert "re-save only its weights" in message and ".state_dict()" in message
+    evil = tmp_path / "evil.pth"  # a global from a module torch blocks outright
+    torch.save({"fc.weight": torch.zeros(1), "payload": _RunsACommand()}, evil)
+    with pytest.raises(WeightsError, match=r"refuses") as err:
+        from_torch("resnet18", evil)
+    assert "posix.system" in str(err.value) or "nt.system" in str(err.value)
+
+
+class _RunsACommand:
+    """What a malicious checkpoint pickles: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
 
 
 def test_missing_file(tmp_path):
@@ -244,6 +278,27 @@ def test_bad_sidecar_values_are_errors_naming_the_key(tmp_path, resnet18_file, s
         load_pretrained("resnet18", path)
 
 
+def test_source_checkpoint_files_are_written_atomically_with_fixed_bytes(tmp_path, monkeypatch):
+    """The write path of build_source_checkpoint, with training stubbed out (a real build takes
+    ~15 s): .pth and .json in place, no temporary files left, and the .pth's bytes do not depend
+    on its file name (torch.save into a file would embed it)."""
+    from jaxft import source_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    meta = {"arch": "stub", "classes": ["0", "1"]}
+    monkeypatch.setattr(source_checkpoint, "train_source_model", lambda recipe, log: (model, meta))
+    paths = [source_checkpoint.build_source_checkpoint(tmp_path / name / "src.pth")
+             for name in ("a", "b")]
+    paths.append(source_checkpoint.build_source_checkpoint(tmp_path / "a" / "other_name.pth"))
+    for path in paths:
+        assert json.loads(path.with_suffix(".json").read_text()) == meta
+        loaded = torch.load(path, weights_only=True)
+        assert loaded.keys() == model.state_dict().keys() and torch.equal(loaded["weight"], model.weight)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["other_name.json", "other_name.pth",
+                                                                 "src.json", "src.pth"]
+    assert len({path.read_bytes() for path in paths}) == 1
+
+
 # --- a pretrained backbone for a new task ------------------------------------------------------
 
 @pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("vgg11", "classifier.6")])
@@ -298,16 +353,23 @@ def test_loading_a_non_jaxft_file_is_a_clear_error(tmp_path, resnet18_file):
 
 # --- the CLI -----------------------------------------------------------------------------------
 
+def _checked_error(stdout: str, what: str) -> float:
+    """The relative L2 error of the CLI's one logit-check line comparing ``what``."""
+    [error] = re.findall(rf"check: {re.escape(what)}, relative L2 error (\S+)$", stdout, re.MULTILINE)
+    return float(error)
+
+
 def test_cli_round_trip_to_torch_loads_strictly_and_matches(tmp_path, resnet18_file, resnet18_state_dict):
     out = tmp_path / "r18.msgpack"
     result = run_cli(resnet18_file, "--arch", "resnet18", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "resnet18, 11,181,642 parameters, 10 classes" in result.stdout
-    assert "relative L2 error" in result.stdout
+    assert _checked_error(result.stdout, "JAX vs torchvision logits") <= 1e-5  # measured ~3e-7
 
     back = tmp_path / "back.pth"
     result = run_cli("--to-torch", out, "--out", back)
     assert result.returncode == 0, result.stderr
+    assert _checked_error(result.stdout, "torchvision (strict=True) vs JAX logits") <= 1e-5
     exported = torch.load(back, weights_only=True)
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(exported, strict=True)
@@ -323,8 +385,12 @@ def test_cli_round_trip_to_torch_loads_strictly_and_matches(tmp_path, resnet18_f
 def _assert_clean_cli_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    # exactly one error line, and it says it all (argparse's usage lines and the sidecar warning
+    # may come before it, but no second line of the error)
+    [line] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert line.startswith("python -m jaxft.convert: error: "), result.stderr
     for needle in needles:
-        assert needle in result.stderr, result.stderr
+        assert needle in line, result.stderr
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, resnet18_file, offline_torch_home):
@@ -338,7 +404,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, resnet18_file, offline_torch_ho
     _assert_clean_cli_error(run_cli("imagenet", "--arch", "resnet18", "--out", tmp_path / "o", env=env),
                             "could not download", "Put the file at", str(offline_torch_home))
     _assert_clean_cli_error(run_cli(truncated, "--arch", "resnet18", "--out", tmp_path / "o"), "cut.pth")
-    _assert_clean_cli_error(run_cli(pickled, "--arch", "resnet18", "--out", tmp_path / "o"), "refuses")
+    _assert_clean_cli_error(run_cli(pickled, "--arch", "resnet18", "--out", tmp_path / "o"), "refuses",
+                            "torchvision.models.resnet.ResNet", "re-save")
     _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "vgg11", "--out", tmp_path / "o"), "does not fit vgg11")
     _assert_clean_cli_error(run_cli(resnet18_file, "--arch", "resnet19"), "invalid choice: 'resnet19'")
     _assert_clean_cli_error(run_cli("IMAGENET1K_V7", "--arch", "resnet18"), "unknown weights 'IMAGENET1K_V7'")

@@ -6,7 +6,8 @@
   ``ToTensor`` + ``Normalize``.
 
 Resizing is PIL's, which is what torchvision does on PIL images (bilinear with antialias),
-so the evaluation transform matches torchvision's to the grey level. Randomness comes from
+so the evaluation transform is bit-identical to torchvision's Resize + CenterCrop (the tests
+assert equal uint8 crops). Randomness comes from
 the ``np.random.Generator`` passed in (the pipeline seeds one per sample), never from global
 state. Outputs are float32 (H, W, 3): NHWC, as the models take them.
 """
