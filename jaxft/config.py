@@ -48,8 +48,15 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate", "on_resume": True})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
-    warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up (cosine, constant)"})
+    schedule: str = field(default="cosine", metadata={
+        "help": "learning-rate schedule, stepped every optimizer step, as PyTorch's: constant; cosine "
+                "(CosineAnnealingLR to 0 over the steps after warm-up); onecycle (OneCycleLR: cosine from lr/25 up "
+                "to lr, then down to lr/25/1e4; unlike torch's default, momentum and Adam's beta1 are not cycled, "
+                "i.e. cycle_momentum=False)", "choices": SCHEDULES})
+    warmup_epochs: float = field(default=0.0, metadata={
+        "help": "linear warm-up from 1%% of --lr (torchvision's --lr-warmup-decay 0.01), in epochs (fractions "
+                "allowed, rounded down to steps); constant and cosine: LinearLR, then the schedule; onecycle: the "
+                "length of the rise (pct_start = warm-up steps / total steps; without it 0.3 of the run)"})
     clip_grad: Optional[float] = field(default=None, metadata={"help": "clip gradients to this global norm",
                                                                "on_resume": True})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (AdamW: decoupled; else L2)"})
@@ -221,8 +228,9 @@ def config_for_resume(saved: dict[str, Any], file_values: dict[str, Any], flag_v
     """The configuration of a resumed run: its saved ``config.json`` with the changes asked for
     on the command line, and those changes as {key: (old, new)}. A change to a setting that
     cannot change mid-run is a ConfigError naming it."""
+    saved = config_to_dict(build_config(saved, {}, source))  # a setting it lacks (an older jaxft's) is the default
     requested = config_to_dict(build_config({**saved, **file_values}, flag_values, source))
-    changes = {k: (saved.get(k), v) for k, v in requested.items() if saved.get(k) != v}
+    changes = {k: (saved[k], v) for k, v in requested.items() if saved[k] != v}
     fixed = [k for k in changes if k not in CHANGEABLE_ON_RESUME]
     if fixed:
         asked = ", ".join(f"{flag_name(k)} {changes[k][1]} (the run has {changes[k][0]})" for k in fixed)

@@ -193,3 +193,15 @@ def check_resumable(path: Path) -> None:
         raise RunError(f"--resume {path}: no such directory")
     if not (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
         raise RunError(f"--resume {path} is not a jaxft run directory (expected config.json and checkpoints/)")
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The saved ``config.json`` of the run in ``path``, as a mapping."""
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{config_path} cannot be read as JSON ({exc}); it was edited or damaged") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{config_path} must hold a mapping of settings, not {type(config).__name__}")
+    return config

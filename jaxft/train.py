@@ -34,7 +34,7 @@ import numpy as np
 from jaxft.config import (ConfigError, TrainConfig, add_config_flags, build_config, config_for_resume, config_to_dict,
                           flag_name, load_config_file)
 from jaxft.pretrained import NO_WEIGHTS
-from jaxft.rundir import RunError, check_resumable, prepare_run_dir, write_json
+from jaxft.rundir import RunError, check_resumable, prepare_run_dir, read_run_config, write_json
 
 EXAMPLES = """\
 examples:
@@ -241,14 +241,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     """Open the data, load the weights with a new head, choose the feature-cache route, and
     build the loaders and the engine. Bad input fails here, before anything trains."""
     import jax.numpy as jnp
+    from flax import traverse_util
 
     from jaxft.data.features import extract_features, feature_cache_decision
     from jaxft.data.pipeline import eval_loader, train_loader
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
     from jaxft.engine import Engine
-    from flax import traverse_util
-
     from jaxft.freeze import describe, lr_groups, parse_strategy
     from jaxft.models.head import head_for
     from jaxft.optim import OptimConfig, learning_rate_schedule
@@ -554,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.resume:
             run_dir = Path(args.resume)
             check_resumable(run_dir)
-            saved = json.loads((run_dir / "config.json").read_text())
+            saved = read_run_config(run_dir)
             cfg, changes = config_for_resume(saved, file_values, flags, str(run_dir / "config.json"))
         else:
             cfg = build_config(file_values, flags, args.config or "flags")

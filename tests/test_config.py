@@ -76,5 +76,7 @@ def test_resume_takes_only_the_settings_that_can_change_mid_run(tmp_path):
                           ({"out": "elsewhere"}, "cannot change --out elsewhere")):
         with pytest.raises(ConfigError, match=re.escape(needle) + ".*--resume may change: .*--lr, --clip-grad"):
             config_for_resume(saved, {}, flags, "config.json")
+    older = {k: v for k, v in saved.items() if k != "label_smoothing"}  # written before that setting existed
+    assert config_for_resume(older, {}, {"lr": 0.01}, "config.json")[1] == {}
     assert set(CHANGEABLE_ON_RESUME) == {"data_dir", "epochs", "lr", "clip_grad", "workers", "save_every", "keep",
                                          "log_every"}

@@ -115,3 +115,14 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     state, progress = ckpts.restore(20, {"w": np.zeros(3, np.float32)})
     assert float(state["w"][0]) == 20 and progress == {"global_step": 20}
     ckpts.close()
+
+
+def test_a_damaged_run_config_is_a_clear_error(tmp_path):
+    from jaxft.rundir import read_run_config
+
+    (tmp_path / "config.json").write_text('{"arch": "resnet18",')  # edited by hand and cut short
+    with pytest.raises(RunError, match=r"config.json cannot be read as JSON .*edited or damaged"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="must hold a mapping of settings, not list"):
+        read_run_config(tmp_path)
