@@ -164,7 +164,7 @@ def ensure_source_checkpoint(recipe: Optional[SourceRecipe] = None, log=print) -
     recipe = recipe or SourceRecipe()
     path = default_source_path(recipe)
     if not path.exists():
-        log(f"building the offline source checkpoint {path} (once; PyTorch, about a minute)")
+        log(f"building the offline source checkpoint {path} (once; PyTorch, about 15 s on two cores)")
         build_source_checkpoint(path, recipe, log)
     return path
 
