@@ -63,7 +63,7 @@ def load_classifier(arch: Optional[str], weights: Optional[str], checkpoint: Opt
     if not arch:
         raise PredictError("--arch is required with --weights (e.g. --arch resnet50 --weights imagenet)")
     from jaxft.pretrained import NO_WEIGHTS, load_pretrained
-    from jaxft.weights import sidecar_meta, sidecar_path
+    from jaxft.weights import sidecar_path
 
     weights = weights or "imagenet"
     untrained = weights.lower() in NO_WEIGHTS
@@ -75,9 +75,8 @@ def load_classifier(arch: Optional[str], weights: Optional[str], checkpoint: Opt
         return Classifier(model, variables, None, transform, note)
     if not Path(weights).is_file():  # a torchvision weights name: its own categories
         return Classifier(model, variables, info.categories, transform)
-    # load_pretrained gives any 1000-class file ImageNet's names; only the sidecar's belong to it
-    sidecar = sidecar_path(Path(weights))
-    classes = _checked_names(sidecar_meta(Path(weights)).categories, info.num_classes, f"'classes' in {sidecar}")
+    sidecar = sidecar_path(Path(weights))  # a file's names are its sidecar's 'classes', or none
+    classes = _checked_names(info.categories, info.num_classes, f"'classes' in {sidecar}")
     note = "" if classes else (f"no class names come with {weights} (a 'classes' list in {sidecar} would name "
                                f"them); showing class indices")
     return Classifier(model, variables, classes, transform, note)
