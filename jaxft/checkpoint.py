@@ -151,8 +151,14 @@ class RunCheckpoints:
         """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
         ocp = self._ocp
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                       progress=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                           progress=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as exc:  # orbax: the saved tree is not this state's
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.manager.directory} does not fit this run's training state "
+                f"(written by another jaxft version, or its files were changed): {first}") from exc
         return restored["state"], dict(restored["progress"])
 
     def progress(self, step: int) -> dict[str, Any]:

@@ -126,3 +126,15 @@ def test_a_damaged_run_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(RunError, match="must hold a mapping of settings, not list"):
         read_run_config(tmp_path)
+
+
+def test_a_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    """A checkpoint whose tree does not fit the state (an older jaxft's optimizer state, say)."""
+    from jaxft.checkpoint import CheckpointError, RunCheckpoints
+
+    ckpts = RunCheckpoints(tmp_path / "checkpoints")
+    ckpts.save(5, {"w": np.zeros(3, np.float32)}, {"global_step": 5})
+    with pytest.raises(CheckpointError, match=r"checkpoint at step 5 in .*checkpoints does not fit this run's "
+                                              r"training state"):
+        ckpts.restore(5, {"w": np.zeros(3, np.float32), "opt": (np.zeros(2, np.float32),)})
+    ckpts.close()
