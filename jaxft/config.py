@@ -229,11 +229,11 @@ def config_for_resume(saved: dict[str, Any], file_values: dict[str, Any], flag_v
     on the command line, and those changes as {key: (old, new)}. A change to a setting that
     cannot change mid-run is a ConfigError naming it."""
     saved = config_to_dict(build_config(saved, {}, source))  # a setting it lacks (an older jaxft's) is the default
-    requested = config_to_dict(build_config({**saved, **file_values}, flag_values, source))
-    changes = {k: (saved[k], v) for k, v in requested.items() if saved[k] != v}
+    cfg = build_config({**saved, **file_values}, flag_values, source)
+    changes = {k: (saved[k], v) for k, v in config_to_dict(cfg).items() if saved[k] != v}
     fixed = [k for k in changes if k not in CHANGEABLE_ON_RESUME]
     if fixed:
         asked = ", ".join(f"{flag_name(k)} {changes[k][1]} (the run has {changes[k][0]})" for k in fixed)
         raise ConfigError(f"--resume continues a run with its own settings and cannot change {asked}; start a new "
                           f"run for that. --resume may change: {', '.join(map(flag_name, CHANGEABLE_ON_RESUME))}")
-    return build_config(requested, {}, source), changes
+    return cfg, changes

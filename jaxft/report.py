@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jaxft.rundir import atomic_write, read_jsonl
+from jaxft.rundir import atomic_write
 
 
 class MetricsLog:
@@ -27,10 +27,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -134,34 +134,35 @@ def foreign_entries(path: Path) -> list[str]:
     return sorted(p.name for p in Path(path).iterdir() if not _is_run_entry(p.name))
 
 
+def _holds_run_files(path: Path) -> bool:
+    """A config.json with jaxft's keys, and at least one more of the files a run writes."""
+    try:
+        config = read_run_config(path)
+    except RunError:
+        return False
+    from jaxft.config import CONFIG_FIELDS
+
+    ours = {p.name for p in path.iterdir()} & (set(RUN_FILES) | set(RUN_DIRS) | {BEST})
+    return {"arch", "strategy", "data"} <= config.keys() <= CONFIG_FIELDS.keys() and len(ours) >= 2
+
+
 def is_run_dir(path: Path) -> bool:
     """A directory python -m jaxft.train made: a config.json with jaxft's keys, at least one other
     of its files, and nothing else."""
     path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        return False
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    from jaxft.config import CONFIG_FIELDS
-
-    names = {p.name for p in path.iterdir()}
-    ours = names & (set(RUN_FILES) | set(RUN_DIRS) | {BEST})
-    return (isinstance(config, dict) and {"arch", "strategy", "data"} <= config.keys() <= CONFIG_FIELDS.keys()
-            and len(ours) >= 2 and not foreign_entries(path))
+    return path.is_dir() and not foreign_entries(path) and _holds_run_files(path)
 
 
 def refuse_to_overwrite(path: Path) -> None:
     """Raise unless ``path`` is a jaxft run directory that ``--overwrite`` may empty."""
-    if is_run_dir(path):
-        return
     foreign = foreign_entries(path)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         why = f"it holds files jaxft did not write ({shown})"
-    else:
+    elif not _holds_run_files(path):
         why = "it is not a jaxft run directory (no config.json of a jaxft run beside the files a run writes)"
+    else:
+        return
     raise RunError(f"--overwrite refuses to empty {path}: {why}; choose another --out, or move those files away")
 
 

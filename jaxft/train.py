@@ -248,7 +248,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for
     from jaxft.engine import Engine
-    from jaxft.freeze import describe, lr_groups, parse_strategy
+    from jaxft.freeze import describe, lr_groups, parse_strategy, path_str
     from jaxft.models.head import head_for
     from jaxft.optim import OptimConfig, learning_rate_schedule
     from jaxft.pretrained import load_pretrained
@@ -297,7 +297,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
         engine_variables = {"params": {model.head_name: variables["params"][model.head_name]}}
         engine_strategy = parse_strategy("full")
         # the LinearHead holds the classifier alone: the rules for other (frozen) layers have nothing to scale
-        head_paths = ["/".join((model.head_name, *path)) for path in
+        head_paths = [path_str((model.head_name, *path)) for path in
                       traverse_util.flatten_dict(variables["params"][model.head_name])]
         lr_rules = [(pattern, mult) for pattern, mult in lr_rules
                     if any(re.fullmatch(pattern, path) for path in head_paths)]
@@ -355,24 +355,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
     iterator = iter(parts.loader)
-    if resume:
-        try:
-            progress = resume_progress(parts, cfg, run_dir, ckpts)
-        except BaseException:
-            ckpts.close()
-            raise
-        iterator.set_state(progress.iterator)
-        truncate_jsonl(run_dir / "metrics.jsonl", progress.global_step)
-        if changes:
-            write_json(run_dir / "config.json", config_to_dict(cfg))  # a later resume continues with them
-        log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
-            f"step {progress.step_in_epoch}/{steps_per_epoch})"
-            + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    if resume:
-        metrics_log.write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
-                           "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
-    model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
+    metrics_log: Optional[MetricsLog] = None
     wall_mark = time.perf_counter()
 
     def save(val_accuracy: Optional[float] = None, iterator_state: Any = None) -> None:
@@ -389,6 +372,21 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
         metrics_log.write({"event": "epoch", "step": progress.global_step, **record})
 
     try:
+        if resume:
+            progress = resume_progress(parts, cfg, run_dir, ckpts)
+            iterator.set_state(progress.iterator)
+            truncate_jsonl(run_dir / "metrics.jsonl", progress.global_step)
+            if changes:
+                write_json(run_dir / "config.json", config_to_dict(cfg))  # a later resume continues with them
+            log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
+                f"step {progress.step_in_epoch}/{steps_per_epoch})"
+                + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+        if resume:
+            metrics_log.write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
+                               "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
+        model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
+        wall_mark = time.perf_counter()  # the wall time counts training, not setting up or restoring
         if not resume:
             stats, _, _ = evaluate(engine, parts.val_loader)
             record_epoch({"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
@@ -452,7 +450,8 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
         save()  # after a whole step: the iterator is at the next batch
         raise
     finally:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         ckpts.close()
     return progress
 
@@ -461,7 +460,8 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
     """Evaluate the best model on val and test; write summary.json and the plots."""
     from jaxft.checkpoint import load_variables
     from jaxft.freeze import FROZEN, summarize
-    from jaxft.report import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves, read_metrics
+    from jaxft.report import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves
+    from jaxft.rundir import read_jsonl
 
     engine, classes, spec = parts.engine, parts.splits.classes, parts.strategy.spec
     best_epoch = progress.best()[0]
@@ -502,7 +502,7 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
                           if parts.strategy.name == "head" else None),
     })
     write_json(run_dir / "summary.json", summary)
-    plot_curves([r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
+    plot_curves([r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
                 run_dir / "plots" / "curves.png")
     return summary
 

@@ -159,8 +159,8 @@ def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
                 f"{path} contains pickled Python objects beyond tensors ({refused.group(1)}; for example a whole "
                 f"nn.Module), "
                 f"and loading it could run arbitrary code, so jaxft refuses (torch.load weights_only=True). "
-                f"If you trust the file, re-save only its weights: torch.save(torch.load(path, "
-                f"weights_only=False).state_dict(), 'clean.pth')."
+                f"If you trust the file and where it came from, load it in PyTorch yourself and re-save only its "
+                f"weights: torch.save(model.state_dict(), 'clean.pth')."
             ) from exc
         raise _unreadable(path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises anything on garbage bytes

@@ -8,21 +8,21 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-REPO = Path(__file__).parent.parent
+import clitools
+
 IMAGENET_NAMES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
 
 def cli(module: str, *args, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The CLI with a cache and torch home of its own (no source checkpoint, no downloads)."""
     env = {**os.environ, "JAXFT_CACHE": str(tmp_path / "jaxft_cache"), "TORCH_HOME": str(tmp_path / "torch_home")}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    return clitools.cli(module, *args, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
