@@ -31,7 +31,9 @@ Batch = Mapping[str, Any]  # {'image': (N, H, W, 3) float32, 'label': (N,) int, 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss, gradients, optimizer state or parameters became NaN/inf; the state kept is the
-    last good one."""
+    last good one. ``index``: which of the collected steps was refused."""
+
+    index: int = 0
 
 
 @struct.dataclass
@@ -89,10 +91,16 @@ def _all_finite(tree: Any) -> jnp.ndarray:
 
 
 def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy)."""
+                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch, jnp.ndarray],
+                                                              tuple[TrainState, dict, jnp.ndarray]]:
+    """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy).
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    ``halted`` is a device-side flag that a non-finite step sets: once it is set, later steps
+    leave the state as it is. The caller reads metrics only every few steps (no host sync per
+    step), so the steps it queued after a NaN must not train on from the refused one; with the
+    flag, the state it finds is the last good one, whenever it looks."""
+
+    def step(state: TrainState, batch: Batch, halted: jnp.ndarray) -> tuple[TrainState, dict, jnp.ndarray]:
         trainable, frozen = _split(state.params, labels)
         mask = batch["mask"].astype(jnp.float32)
         count = jnp.maximum(jnp.sum(mask), 1.0)
@@ -122,8 +130,9 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
                   "optimizer state": _all_finite(opt_state),
                   "parameters": _all_finite(new_trainable) & _all_finite(batch_stats)}
         finite = functools.reduce(jnp.logical_and, checks.values())
-        # On NaN/inf keep the previous state, so the caller can stop with the last good one.
-        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        # On NaN/inf, or after one, keep the previous state, so the caller stops with the last good one.
+        keep = finite & ~halted
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), new_state, state)
         metrics = {
             "loss_sum": loss * jnp.sum(mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
@@ -131,8 +140,9 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
             "grad_norm": grad_norm,
             "finite": finite,
             "finite_parts": checks,
+            "skipped": halted,  # queued after a refused step: not trained
         }
-        return new_state, metrics
+        return new_state, metrics, halted | ~finite
 
     return step
 
@@ -270,8 +280,9 @@ class Engine:
         policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
         batch_sharding = NamedSharding(self.mesh, P("data"))
         self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing),
-                              in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                              donate_argnums=(0,))
+                              in_shardings=(replicated, batch_sharding, replicated),
+                              out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
+        self._halted = jax.device_put(np.asarray(False), replicated)
         self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing),
                              in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
@@ -297,16 +308,33 @@ class Engine:
             self._padding_reported = True
         return shard_batch(padded, self.mesh)
 
-    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        self.state, metrics = self._train(self.state, self._place(batch))
-        metrics = jax.device_get(metrics)
-        if not bool(metrics["finite"]):
-            broken = next(name for name, ok in metrics["finite_parts"].items() if not ok)
-            raise NonFiniteLossError(
-                f"the {broken} became NaN/inf at step {int(self.state.step) + 1}; the update was refused and the "
-                f"state kept is the last good one (a lower learning rate, gradient clipping or float32 compute may "
-                f"help).")
+    def dispatch_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Queue a train step on the device and return its metrics as device arrays, without
+        waiting for it: the host goes on to load the next batch while the device computes.
+        Pass the metrics to ``collect`` (every few steps) to read them and to learn of a NaN."""
+        self.state, metrics, self._halted = self._train(self.state, self._place(batch), self._halted)
         return metrics
+
+    def collect(self, pending: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, Any]]:
+        """Fetch the metrics of dispatched steps in one transfer. If one of them was refused as
+        non-finite, raise NonFiniteLossError naming it; ``error.index`` is its position in
+        ``pending``: that step and every later one left the state untouched."""
+        fetched = jax.device_get(list(pending))
+        for index, metrics in enumerate(fetched):
+            if not bool(metrics["finite"]):
+                self._halted = jax.device_put(np.asarray(False), NamedSharding(self.mesh, P()))
+                broken = next(name for name, ok in metrics["finite_parts"].items() if not ok)
+                error = NonFiniteLossError(
+                    f"the {broken} became NaN/inf at step {int(self.state.step) + 1}; the update was refused and "
+                    f"the state kept is the last good one (a lower learning rate, gradient clipping or float32 "
+                    f"compute may help).")
+                error.index = index
+                raise error
+        return fetched
+
+    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """One step, waited for: its metrics on the host (NonFiniteLossError on a NaN)."""
+        return self.collect([self.dispatch_step(batch)])[0]
 
     def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["label"])

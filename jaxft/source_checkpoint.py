@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from jaxft.data.builtin import digits
 from jaxft.rundir import atomic_write
+from jaxft.runtime import cache_dir
 from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -40,13 +40,6 @@ class SourceRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-
-
-def cache_dir() -> Path:
-    """``$JAXFT_CACHE`` or ``$XDG_CACHE_HOME/jaxft`` (default ``~/.cache/jaxft``)."""
-    if os.environ.get("JAXFT_CACHE"):
-        return Path(os.environ["JAXFT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxft"
 
 
 def default_source_path(recipe: SourceRecipe) -> Path:

@@ -343,6 +343,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
     model in best/. Resumes from the latest checkpoint when ``resume``, with ``changes``
     ({setting: (old, new)}) to the run's configuration recorded at the step they take effect."""
+    import jax
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
@@ -400,37 +401,66 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                 running = StepStats(*progress.train_sums)
                 bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=True if quiet else None, leave=False, unit="step")
-                epoch_start = time.perf_counter()
+                epoch_start = interval_mark = time.perf_counter()
+                # Steps are queued on the device and their metrics read every log interval (and
+                # before a checkpoint, an interrupt or the epoch's end), not per step: a per-step
+                # read would make the host wait for the device, and the next batch could not be
+                # loaded and placed while the current step runs.
+                pending: list[tuple[Any, dict]] = []  # (iterator state before the batch, device metrics)
+
+                def collect() -> None:
+                    nonlocal interval_mark
+                    try:
+                        fetched = engine.collect([metrics for _, metrics in pending])
+                    except NonFiniteLossError as error:
+                        # The refused step and those queued after it did not train: roll back to it,
+                        # so the checkpoint and a resume start with the refused batch.
+                        refused = len(pending) - error.index
+                        progress.global_step -= refused
+                        progress.step_in_epoch -= refused
+                        count(jax.device_get([metrics for _, metrics in pending[:error.index]]))
+                        save(iterator_state=pending[error.index][0])
+                        raise
+                    count(fetched)
+                    now = time.perf_counter()
+                    progress.train_seconds += now - interval_mark
+                    images = sum(int(metrics["count"]) for metrics in fetched)
+                    images_per_sec = images / max(now - interval_mark, 1e-9)
+                    interval_mark = now
+                    pending.clear()
+                    bar.update(len(fetched))
+                    bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{running.accuracy:.3f}",
+                                    img_s=f"{images_per_sec:.0f}")
+                    if progress.global_step % cfg.log_every == 0:  # the last collected step
+                        last = fetched[-1]
+                        metrics_log.write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
+                                           "loss": float(last["loss_sum"] / last["count"]),
+                                           "accuracy": float(last["correct"] / last["count"]),
+                                           "lr": float(parts.schedule(progress.global_step - 1)),
+                                           "grad_norm": float(last["grad_norm"]),
+                                           "images_per_sec": round(images_per_sec, 1)})
+
+                def count(fetched: list[dict]) -> None:
+                    for metrics in fetched:
+                        running.add(metrics)
+                        progress.images_seen += int(metrics["count"])
+                    progress.train_sums = [running.loss_sum, running.correct, running.count]
+
                 while progress.step_in_epoch < steps_per_epoch:
                     position = iterator.get_state()
                     batch = next(iterator)
-                    step_start = time.perf_counter()
-                    try:
-                        metrics = engine.train_step(batch)
-                    except NonFiniteLossError:
-                        save(iterator_state=position)  # the refused batch is the first one a resume trains
-                        raise
-                    progress.train_seconds += time.perf_counter() - step_start
-                    running.add(metrics)
-                    progress.train_sums = [running.loss_sum, running.correct, running.count]
-                    progress.images_seen += int(metrics["count"])
+                    pending.append((position, engine.dispatch_step(batch)))
                     progress.global_step += 1
                     progress.step_in_epoch += 1
-                    images_per_sec = int(metrics["count"]) / max(time.perf_counter() - step_start, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{running.accuracy:.3f}",
-                                    img_s=f"{images_per_sec:.0f}")
-                    if progress.global_step % cfg.log_every == 0:
-                        metrics_log.write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
-                                           "loss": float(metrics["loss_sum"] / metrics["count"]),
-                                           "accuracy": float(metrics["correct"] / metrics["count"]),
-                                           "lr": float(parts.schedule(progress.global_step - 1)),
-                                           "grad_norm": float(metrics["grad_norm"]),
-                                           "images_per_sec": round(images_per_sec, 1)})
-                    if interrupt.requested and progress.step_in_epoch < steps_per_epoch:
+                    epoch_end = progress.step_in_epoch == steps_per_epoch
+                    save_due = progress.global_step % cfg.save_every == 0 and not epoch_end
+                    if progress.global_step % cfg.log_every == 0 or epoch_end or save_due or interrupt.requested:
+                        collect()
+                    if interrupt.requested and not epoch_end:
                         raise StopRequested  # (at an epoch's last step: after its evaluation and save)
-                    if progress.global_step % cfg.save_every == 0 and progress.step_in_epoch < steps_per_epoch:
+                    if save_due:
                         save()
+                        interval_mark = time.perf_counter()  # the wall time counts training, not saving
                 bar.close()
                 stats, _, _ = evaluate(engine, parts.val_loader)
                 improved = stats.accuracy > progress.best()[1]

@@ -277,3 +277,51 @@ def test_a_second_ctrl_c_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.0)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_steps_read_the_device_only_at_log_intervals(source_checkpoint, tmp_path, monkeypatch):
+    """No device-to-host transfer between log intervals: from each queued step to the next
+    collect, every read of an array's value fails: jax.transfer_guard (which guards real device
+    memory, a GPU's) and, because a CPU array is host memory that guard never sees, a patched
+    jax.Array value read (float() of a metric, np.asarray, device_get, a checkpoint's write all
+    go through it). Collects come every --log-every steps, before a checkpoint and at the
+    epoch's end, and together they cover every step once."""
+    import jax
+    from jax._src.array import ArrayImpl
+
+    from jaxft.config import build_config
+    from jaxft.engine import Engine
+    from jaxft.rundir import prepare_run_dir
+    from jaxft.train import train
+
+    guard, collected = None, []
+    dispatch, collect, value = Engine.dispatch_step, Engine.collect, ArrayImpl._value
+
+    def read_value(array):
+        assert guard is None, "an array was read on the host between two collects"
+        return value.fget(array)
+
+    def guarded_dispatch(self, batch):
+        nonlocal guard
+        if guard is None:
+            guard = jax.transfer_guard_device_to_host("disallow_explicit")
+            guard.__enter__()
+        return dispatch(self, batch)
+
+    def unguarded_collect(self, pending):
+        nonlocal guard
+        if guard is not None:
+            guard.__exit__(None, None, None)
+            guard = None
+        collected.append(len(pending))
+        return collect(self, pending)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(read_value))
+    monkeypatch.setattr(Engine, "dispatch_step", guarded_dispatch)
+    monkeypatch.setattr(Engine, "collect", unguarded_collect)
+    cfg = build_config({"epochs": 2, "batch_size": 64, "log_every": 4, "save_every": 6}, {})
+    summary = train(cfg, prepare_run_dir(tmp_path / "run", overwrite=False), quiet=True, log=lambda *_: None)
+    steps_per_epoch = 717 // 64  # digits 5-9: 717 training images, full batches only: 11 steps
+    # collects at global steps 4, 6 (a checkpoint), 8, 11 (epoch end) | 12, 16, 18 (checkpoint), 20, 22 (end)
+    assert collected == [4, 2, 2, 3, 1, 4, 2, 2, 2] and sum(collected) == 2 * steps_per_epoch
+    assert summary["val"]["accuracy"] > 0.5 and summary["steps"] == 2 * steps_per_epoch

@@ -85,7 +85,7 @@ class Features:
 
 
 def default_feature_dir() -> Path:
-    from jaxft.source_checkpoint import cache_dir
+    from jaxft.runtime import cache_dir
 
     return cache_dir() / "features"
 

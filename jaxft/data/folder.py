@@ -64,7 +64,7 @@ class FolderScan:
 
 
 def scan_cache_path(root: Path) -> Path:
-    from jaxft.source_checkpoint import cache_dir
+    from jaxft.runtime import cache_dir
 
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
     return cache_dir() / "folder_scans" / f"{key}.json"

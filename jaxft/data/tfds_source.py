@@ -83,7 +83,7 @@ def _feature_keys(features: Any, tfds: Any, name: str) -> tuple[str, str]:
 
 def _labels(source: Any, label_key: str, identity: str) -> np.ndarray:
     """Every label of a split, from the cache or by one pass over the split."""
-    from jaxft.source_checkpoint import cache_dir
+    from jaxft.runtime import cache_dir
 
     path = cache_dir() / "tfds_labels" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.npy"
     try:

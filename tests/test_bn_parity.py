@@ -1,0 +1,99 @@
+"""BatchNorm in training, held to PyTorch through Adam: a resnet18 fine-tuned for a few Adam steps
+through the real ``Engine.train_step``, against torch float64 and torch float32 from the same
+weights and batches.
+
+Adam divides each gradient by its own running magnitude, so a gradient element that is nearly
+zero (a channel whose batch statistics all but cancel it) still takes a full-size step in
+whatever direction its rounding error points. A BatchNorm whose statistics or backward sums
+lose a few digits therefore moves the trajectory far more than it moves a single gradient:
+before jaxft computed them carefully (docs/parity.md), its loss after 4 steps was 3e-4 from
+float64 where torch float32's was 2e-8. The judgement is test_optim's: jaxft within twice
+torch float32's distance from float64, or within a few float32 ulps.
+
+Cases: ``full`` (every BatchNorm in batch statistics) and ``partial:0.8`` under both policies
+(``torch``: frozen layers still normalise with batch statistics, as ``requires_grad=False`` in
+``model.train()``; ``running``: frozen layers normalise with running statistics, as torch
+modules put in ``eval()``). The source checkpoint is a well-conditioned start: trained weights,
+a fresh seeded head.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from jaxft import create_model, from_torch, to_torch
+from jaxft.engine import Engine
+from jaxft.freeze import FROZEN, parse_strategy
+from jaxft.optim import OptimConfig
+from jaxft.parity import freeze_like
+
+from test_optim import _distance, assert_no_further_than_torch
+
+STEPS, BATCH, LR = 4, 16, 2e-4
+CASES = [("full", "torch"), ("partial:0.8", "torch"), ("partial:0.8", "running")]
+
+
+def _frozen_bn_modules(net: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
+
+
+def _torch_run(state: dict, labels: dict, policy: str, batches, dtype: torch.dtype):
+    net = torchvision.models.resnet18(num_classes=5)
+    net.load_state_dict(state)
+    net = net.to(dtype).train()
+    trainable = freeze_like(net, create_model("resnet18", num_classes=5), labels)
+    if policy == "running":
+        for module in _frozen_bn_modules(net):
+            module.eval()
+    optimizer = torch.optim.Adam(trainable, lr=LR)
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
+                                                 torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def start(source_checkpoint, digits_5_9):
+    x, y = digits_5_9
+    order = np.random.default_rng(0).permutation(len(x))[:STEPS * BATCH].reshape(STEPS, BATCH)
+    batches = [(x[idx], y[idx]) for idx in order]
+    net = torchvision.models.resnet18(num_classes=5)
+    net.load_state_dict(torch.load(source_checkpoint, weights_only=True))
+    torch.manual_seed(0)
+    net.fc.reset_parameters()
+    return net.state_dict(), batches
+
+
+@pytest.mark.parametrize("spec,policy", CASES)
+def test_adam_trajectory_through_batchnorm_matches_torch(start, spec, policy):
+    state, batches = start
+    model = create_model("resnet18", num_classes=5)
+    engine = Engine(model, from_torch("resnet18", state), parse_strategy(spec), OptimConfig("adam", lr=LR,
+                    schedule="constant"), total_steps=STEPS, bn_policy=policy)
+    losses = []
+    for x, y in batches:
+        metrics = engine.train_step({"image": x, "label": y})
+        losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    final = to_torch("resnet18", jax.device_get(engine.state.variables), as_tensors=False)
+
+    losses64, final64 = _torch_run(state, engine.labels, policy, batches, torch.float64)
+    losses32, final32 = _torch_run(state, engine.labels, policy, batches, torch.float32)
+    distances = {f"loss step {step}": _distance(losses[step], losses32[step], losses64[step])
+                 for step in range(STEPS)}
+    # every tensor that changes: trained parameters and the running statistics that batches update
+    changed = [k for k in final64 if not k.endswith("num_batches_tracked")
+               and not np.array_equal(final64[k], state[k].double().numpy())]
+    assert any("running_var" in k for k in changed) and any("fc.weight" == k for k in changed)
+    distances.update({k: _distance(np.asarray(final[k], np.float64), final32[k], final64[k]) for k in changed})
+    frozen = sum(v == FROZEN for v in jax.tree_util.tree_leaves(engine.labels))
+    assert (frozen > 0) == (spec != "full")
+    assert_no_further_than_torch(distances)

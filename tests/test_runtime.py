@@ -1,0 +1,73 @@
+"""The process-wide settings ``import jaxft`` makes (jaxft.runtime): XLA flags that never override
+the user's, and the persistent compilation cache a second run loads its compiled steps from.
+
+Both are about a fresh process (XLA reads its flags once, when the first backend starts), so
+each check runs a real interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from jaxft.runtime import CPU_XLA_FLAGS, default_xla_flags
+
+OURS = next(iter(CPU_XLA_FLAGS))
+
+PROBE = """
+import json, os, jax
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+import jaxft
+@jax.jit
+def f(x):
+    for _ in range(30):
+        x = jax.numpy.sin(x) @ x
+    return x
+f(jax.numpy.ones((64, 64))).block_until_ready()
+print(json.dumps({"XLA_FLAGS": os.environ.get("XLA_FLAGS"), "devices": len(jax.devices()),
+                  "cache_dir": jax.config.jax_compilation_cache_dir,
+                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def probe(tmp_path, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    environ.update(JAXFT_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)
+    done = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_flag_the_user_set_is_never_changed():
+    assert default_xla_flags({"XLA_FLAGS": f"{OURS}=dot"}) == {}
+    assert default_xla_flags({"XLA_FLAGS": f"--xla_foo=1 {OURS}"}) == {}
+    assert default_xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == CPU_XLA_FLAGS
+    assert default_xla_flags({}) == CPU_XLA_FLAGS
+    assert default_xla_flags({"JAXFT_XLA_DEFAULTS": "0"}) == {}
+
+
+def test_user_xla_flags_are_kept_and_take_effect(tmp_path):
+    mine = f"--xla_force_host_platform_device_count=3 {OURS}=dot"
+    found = probe(tmp_path, XLA_FLAGS=mine)
+    assert found["XLA_FLAGS"] == mine and found["devices"] == 3  # untouched, and read by XLA
+
+    found = probe(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert found["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                          f"{OURS}={CPU_XLA_FLAGS[OURS]}"]
+    assert found["devices"] == 2
+
+    assert probe(tmp_path, JAXFT_XLA_DEFAULTS="0")["XLA_FLAGS"] is None
+
+
+def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
+    first = probe(tmp_path)
+    assert first["cache_dir"] == str(tmp_path / "cache" / "xla")
+    assert first["hits"] == 0 and any((tmp_path / "cache" / "xla").iterdir())
+    assert probe(tmp_path)["hits"] >= 1
+    # the user's own cache folder, or none, is respected
+    assert probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))["cache_dir"] == str(tmp_path / "mine")
+    off = probe(tmp_path, JAXFT_COMPILATION_CACHE="0")
+    assert off["cache_dir"] is None and off["hits"] == 0
