@@ -2,14 +2,19 @@
 
 The machine is shared and noisy, so contenders are timed alternately in one process and
 reported as ratios; absolute numbers are for orientation only.
+
+Imports only the standard library at module level, so the scripts beside it can still
+``from common import ...`` when run as files, and the package imports it as
+``benchmarks.common``.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def interleaved_medians(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -35,11 +40,51 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     return table
 
 
-def machine_line() -> str:
-    import os
+def cpu_model() -> str:
+    """The CPU's marketing name (``platform.processor()`` is empty or just the ISA on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
+
+def gpu_name() -> str | None:
+    """The first GPU JAX can see, or None."""
     import jax
+
+    try:
+        return jax.devices("gpu")[0].device_kind
+    except RuntimeError:  # no GPU backend in this jaxlib, or no GPU
+        return None
+
+
+def environment() -> dict[str, str]:
+    """What a reader needs to reproduce or discount a number: machine, versions, XLA flags."""
+    from importlib.metadata import version
+
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-            f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    import jaxft  # noqa: F401 - importing it sets the XLA flags jaxft runs with (jaxft.runtime)
+
+    gpu = gpu_name()
+    machine = f"{cpu_model()}, {os.cpu_count()} CPU cores" + (f", GPU {gpu}" if gpu else ", no GPU")
+    packages = ("jax", "jaxlib", "flax", "optax", "torch", "torchvision")
+    return {
+        "machine": machine,
+        "versions": ", ".join(f"{name} {version(name)}" for name in packages),
+        "torch threads": str(torch.get_num_threads()),
+        # Other processes skew the ratios (torch's OpenMP threads suffer most from oversubscribed
+        # cores), so the reader should know how busy the machine was.
+        "load average at start": f"{os.getloadavg()[0]:.1f} (1 min, {os.cpu_count()} cores)",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS") or "(not set)",
+    }
+
+
+def machine_line() -> str:
+    """One line for a script's table header."""
+    env = environment()
+    return f"{env['machine']}; {env['versions']}; torch threads {env['torch threads']}"

@@ -21,9 +21,9 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line, print_table  # noqa: E402
+from common import interleaved_medians, machine_line, print_table
 
-from jaxft import create_model, from_torch  # noqa: E402
+from jaxft import create_model, from_torch
 
 
 def bench_arch(arch: str, batch_size: int, image_size: int, repeats: int) -> list:

@@ -29,11 +29,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line, print_table  # noqa: E402
+from common import interleaved_medians, machine_line, print_table
 
-from jaxft.data import open_dataset, train_loader, transforms_for  # noqa: E402
-from jaxft.data.transforms import TrainTransform  # noqa: E402
-from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: E402
+from jaxft.data import open_dataset, train_loader, transforms_for
+from jaxft.data.transforms import TrainTransform
+from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> None:

@@ -24,15 +24,15 @@ import torchvision
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line, print_table  # noqa: E402
+from common import machine_line, print_table
 
-from jaxft import load_pretrained, to_torch  # noqa: E402
-from jaxft.data.builtin import digits  # noqa: E402
-from jaxft.engine import Engine, StepStats  # noqa: E402
-from jaxft.freeze import FROZEN, parse_strategy, summarize  # noqa: E402
-from jaxft.optim import OptimConfig  # noqa: E402
-from jaxft.parity import freeze_like  # noqa: E402
-from jaxft.source_checkpoint import ensure_source_checkpoint, normalized_images  # noqa: E402
+from jaxft import load_pretrained, to_torch
+from jaxft.data.builtin import digits
+from jaxft.engine import Engine, StepStats
+from jaxft.freeze import FROZEN, parse_strategy, summarize
+from jaxft.optim import OptimConfig
+from jaxft.parity import freeze_like
+from jaxft.source_checkpoint import ensure_source_checkpoint, normalized_images
 
 
 def load_task(image_size: int, seed: int):

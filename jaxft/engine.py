@@ -26,7 +26,9 @@ from jaxft.freeze import FROZEN, Strategy, frozen_batchnorm_paths, lr_groups
 from jaxft.optim import OptimConfig, build_optimizer, state_bytes, transfer_state
 
 BN_POLICIES = ("running", "torch")
-Batch = Mapping[str, Any]  # {'image': (N, H, W, 3) float32, 'label': (N,) int, 'mask': (N,) float32}
+# {'image': (N, H, W, 3) float32, or uint8 normalised on the device, 'label': (N,) int, 'mask': (N,) float32}
+Batch = Mapping[str, Any]
+Normalization = Optional[tuple[Sequence[float], Sequence[float]]]  # (mean, std) per channel
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,6 +75,20 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: flo
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def model_input(images: jnp.ndarray, normalization: Normalization) -> jnp.ndarray:
+    """A batch as the model takes it. uint8 images (as the loader sends them, a quarter of the
+    bytes of float32) are normalised here, on the device, with the host's formula
+    (jaxft.data.transforms.normalize: ``x * (1 / (255 std)) - mean / std``, constants rounded
+    from float64)."""
+    if images.dtype != jnp.uint8:
+        return images
+    if normalization is None:
+        raise ValueError("uint8 images need the engine's normalization (mean, std) to be normalised on the device")
+    mean, std = (np.asarray(v, np.float64) for v in normalization)
+    scale, shift = (1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32)
+    return images.astype(jnp.float32) * scale - shift
+
+
 def _split(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:
     flat, flat_labels = traverse_util.flatten_dict(dict(tree)), traverse_util.flatten_dict(dict(labels))
     trainable = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
@@ -91,7 +107,7 @@ def _all_finite(tree: Any) -> jnp.ndarray:
 
 
 def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch, jnp.ndarray],
+                    label_smoothing: float = 0.0, normalization: Normalization = None) -> Callable[[TrainState, Batch, jnp.ndarray],
                                                               tuple[TrainState, dict, jnp.ndarray]]:
     """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy).
 
@@ -105,11 +121,12 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
         mask = batch["mask"].astype(jnp.float32)
         count = jnp.maximum(jnp.sum(mask), 1.0)
         dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        images = model_input(batch["image"], normalization)
 
         def loss_fn(trainable_params):
             logits, updates = model.apply(
                 {"params": _merge(trainable_params, frozen), "batch_stats": state.batch_stats},
-                batch["image"], train=True, mask=batch["mask"], mutable=["batch_stats"],
+                images, train=True, mask=batch["mask"], mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng})
             per_sample = cross_entropy(logits, batch["label"], label_smoothing)
             return jnp.sum(per_sample * mask) / count, (logits, updates.get("batch_stats", {}))
@@ -147,11 +164,12 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
     return step
 
 
-def make_eval_step(model: nn.Module, label_smoothing: float = 0.0) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(model: nn.Module, label_smoothing: float = 0.0,
+                   normalization: Normalization = None) -> Callable[[TrainState, Batch], dict]:
     """Sums of loss and correct predictions over the real (unmasked) samples, and predictions."""
 
     def step(state: TrainState, batch: Batch) -> dict:
-        logits = model.apply(state.variables, batch["image"], train=False)
+        logits = model.apply(state.variables, model_input(batch["image"], normalization), train=False)
         mask = batch["mask"].astype(jnp.float32)
         per_sample = cross_entropy(logits, batch["label"], label_smoothing)
         predictions = jnp.argmax(logits, -1)
@@ -252,6 +270,7 @@ class Engine:
     seed: int = 0
     mesh: Optional[Mesh] = None
     on_padding: Optional[Callable[[str], None]] = None
+    normalization: Normalization = None  # (mean, std) for uint8 batches, normalised on the device
 
     def __post_init__(self) -> None:
         self.mesh = self.mesh or data_mesh()
@@ -279,11 +298,12 @@ class Engine:
         self.state = jax.device_put(fresh, replicated, may_alias=False)
         policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
         batch_sharding = NamedSharding(self.mesh, P("data"))
-        self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing),
+        self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing,
+                                              self.normalization),
                               in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
         self._halted = jax.device_put(np.asarray(False), replicated)
-        self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing),
+        self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing, self.normalization),
                              in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
     def set_epoch(self, epoch: int) -> bool:
@@ -331,6 +351,16 @@ class Engine:
                 error.index = index
                 raise error
         return fetched
+
+    def step_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
+        """What ``dispatch_step`` passes the jitted train step for ``batch``: to lower it for
+        XLA's cost and memory analyses (``self.compiled_train_step.lower(*args)``)."""
+        return self.state, self._place(batch), self._halted
+
+    @property
+    def compiled_train_step(self) -> Callable:
+        """The jitted train step of the current stage (benchmarks lower it; tests count its compilations)."""
+        return self._train
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """One step, waited for: its metrics on the host (NonFiniteLossError on a NaN)."""

@@ -246,7 +246,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     from jaxft.data.features import extract_features, feature_cache_decision
     from jaxft.data.pipeline import eval_loader, train_loader
     from jaxft.data.sources import open_dataset
-    from jaxft.data.transforms import transforms_for
+    from jaxft.data.transforms import transforms_for, unnormalized
     from jaxft.engine import Engine
     from jaxft.freeze import describe, lr_groups, parse_strategy, path_str
     from jaxft.models.head import head_for
@@ -301,9 +301,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
                       traverse_util.flatten_dict(variables["params"][model.head_name])]
         lr_rules = [(pattern, mult) for pattern, mult in lr_rules
                     if any(re.fullmatch(pattern, path) for path in head_paths)]
+        normalization = None
     else:
         data = {"train": splits.train, "val": splits.val, "test": splits.test}
-        loader_eval_t, engine_model, engine_variables, engine_strategy = eval_t, model, variables, strategy
+        # batches cross to the device as uint8 and are normalised there
+        train_t, loader_eval_t = unnormalized(train_t), unnormalized(eval_t)
+        normalization = (eval_t.mean, eval_t.std)
+        engine_model, engine_variables, engine_strategy = model, variables, strategy
 
     workers = 0 if use_features else cfg.workers
     loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
@@ -316,7 +320,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
                         int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
     engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=len(loader),
                     bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=lr_rules,
-                    layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log)
+                    layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log, normalization=normalization)
     return RunParts(strategy, splits, model, variables, info, full_labels, eval_t, engine, loader, val_loader,
                     test_loader, learning_rate_schedule(optim, len(loader)), use_features, reason)
 

@@ -281,3 +281,39 @@ def test_one_and_four_devices_agree(spec, source_checkpoint):
     assert out["leaves"] == 62 + 40 and out["worst_leaf_error"] <= 1e-5
     assert out["notes"] == ["a batch of 10 does not divide over 4 devices: padded with 2 masked samples "
                             "(they change no loss, metric or BatchNorm statistic)"]  # said once, not per batch
+
+
+def test_uint8_batches_normalised_on_the_device_train_as_host_normalised_ones(resnet18_setup):
+    """The loader sends uint8 crops and the step normalises them: the model sees the host's
+    normalize() within an ulp (XLA may fuse the multiply and subtract into one rounding), and
+    losses and predictions of eval and train steps agree."""
+    from jaxft.data.transforms import EvalTransform, normalize, unnormalized
+    from jaxft.engine import model_input
+
+    model, variables = resnet18_setup
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(8)]
+    transform = EvalTransform(36, 32)
+    crops = np.stack([unnormalized(transform)(p) for p in photos])
+    floats = np.stack([transform(p) for p in photos])
+    assert crops.dtype == np.uint8 and np.array_equal(floats, np.stack([normalize(c, transform.mean, transform.std)
+                                                                         for c in crops]))
+    normalization = (transform.mean, transform.std)
+    on_device = np.asarray(jax.jit(model_input, static_argnums=1)(crops, normalization))
+    assert on_device.dtype == np.float32
+    np.testing.assert_allclose(on_device, floats, rtol=0, atol=float(np.spacing(np.float32(2.7))))
+
+    labels = rng.integers(0, 5, 8)
+    uint8_engine = Engine(model, variables, parse_strategy("full"), OptimConfig("sgd", lr=1e-2),
+                          normalization=normalization)
+    float_engine = Engine(model, variables, parse_strategy("full"), OptimConfig("sgd", lr=1e-2))
+    got, expected = (e.eval_step({"image": x, "label": labels}) for e, x in ((uint8_engine, crops),
+                                                                            (float_engine, floats)))
+    np.testing.assert_allclose(got["loss_sum"], expected["loss_sum"], rtol=1e-6)
+    assert np.array_equal(got["predictions"], expected["predictions"])
+    for _ in range(2):
+        got = uint8_engine.train_step({"image": crops, "label": labels})
+        expected = float_engine.train_step({"image": floats, "label": labels})
+        np.testing.assert_allclose(got["loss_sum"], expected["loss_sum"], rtol=1e-5)
+    with pytest.raises(ValueError, match="need the engine's normalization"):
+        float_engine.train_step({"image": crops, "label": labels})

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Where a jaxft train step's time goes, by kind of XLA operation, from a real profiler trace.
+
+    python tools/profile_step.py [--arch resnet18] [--strategy full] [--image-size 224] [--batch-size 16]
+                                 [--bn-policy torch] [--steps 3]
+
+Runs the Engine's train step under ``jax.profiler.trace``, reads the trace back with
+``jax.profiler.ProfileData`` and sums the duration of every XLA operation (thunk) by kind:
+convolution, dot, reduction (YNN or XLA's own reduce fusions), other fusions (elementwise), copies
+and the rest. Prints a table and the ten most expensive operations. The numbers in
+docs/benchmarks.md ("Where the time goes at 224 px") come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import tempfile
+
+import jax
+import numpy as np
+
+from jaxft import create_model
+from jaxft.engine import Engine
+from jaxft.freeze import parse_strategy
+from jaxft.optim import OptimConfig
+from jaxft.pretrained import init_variables
+
+KINDS = [  # (kind, pattern over the operation's name), first match wins
+    ("convolution", r"convolution|conv"),
+    ("pooling", r"reduce-window|select-and-scatter"),
+    ("dot (matmul)", r"^dot|\bdot\b|gemm|matmul"),
+    ("reduction", r"reduce|ynn"),  # ynn_fusion: jaxft's default puts only reductions in YNN fusions
+    ("copy/transpose", r"copy|transpose|bitcast"),
+    ("fusion (elementwise)", r"fusion|loop|add|multiply|select|maximum"),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--strategy", default="full")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bn-policy", default="torch")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    model = create_model(args.arch, num_classes=10)
+    engine = Engine(model, init_variables(model), parse_strategy(args.strategy), OptimConfig("adam", lr=1e-4),
+                    bn_policy=args.bn_policy)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, args.batch_size)}
+    engine.train_step(batch)  # compile outside the trace
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            for _ in range(args.steps):
+                engine.train_step(batch)
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        profile = jax.profiler.ProfileData.from_file(path)
+
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    step_ns = 0.0
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = event.name
+                if line.name == "python" and name.startswith("PjitFunction(step)"):
+                    step_ns += event.duration_ns
+                elif line.name.startswith("tf_XLA") and not name.startswith(
+                        ("ThreadpoolListener", "end: ", "ThunkExecutor")):
+                    by_kind[kind_of(name)] += event.duration_ns  # threads overlap: a sum of thread time
+                    by_op[name] += event.duration_ns
+    total = sum(by_kind.values())
+    print(f"# {args.arch} {args.strategy}, batch {args.batch_size} x {args.image_size} px, BN policy {args.bn_policy}; "
+          f"{args.steps} steps; XLA operations {total / 1e6 / args.steps:.0f} thread-ms/step"
+          + (f", the step {step_ns / 1e6 / args.steps:.0f} ms/step wall" if step_ns else ""))
+    print("| kind | thread-ms/step | share |\n|---|---|---|")
+    for kind, ns in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ns / 1e6 / args.steps:.0f} | {ns / max(total, 1):.0%} |")  # thread-ms
+    print("\ntop operations:")
+    for name, ns in sorted(by_op.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {ns / 1e6 / args.steps:8.1f} ms  {name}")
+
+
+if __name__ == "__main__":
+    main()
