@@ -12,7 +12,7 @@ import torchvision
 from jaxft.parity import nchw_to_nhwc, rel_l2, torch_reference
 from jaxft import ARCHS, create_model, from_torch, to_torch
 from jaxft.convert import variables_to_state_dict
-from jaxft.models.layers import adaptive_avg_pool
+from jaxft.models.layers import adaptive_avg_pool, max_pool
 
 LOGIT_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -188,3 +188,23 @@ def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
     got = conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, nchw_to_nhwc(x))
     assert got.shape == expected.shape
     assert rel_l2(got, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("window,stride,padding,hw", [(3, 2, 1, (9, 11)), (3, 2, 1, (8, 8)), (2, 2, 0, (7, 10)),
+                                                      (3, 1, 1, (5, 6))])
+def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding, hw):
+    """resnet's stem pool (3/2/1) and VGG's (2/2/0), odd and even maps, on integers so that
+    windows hold ties: values equal, and every gradient lands where torch's does (on the first
+    maximal input of its window), bit for bit. The output cotangent is distinct per cell, so a
+    gradient sent to the wrong input shows."""
+    x = np.round(np.random.default_rng(1).normal(size=(2, *hw, 3)) * 2).astype(np.float32)
+    torch_x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    torch_y = torch.nn.functional.max_pool2d(torch_x, window, stride, padding)
+    cotangent = torch.arange(torch_y.numel(), dtype=torch.float32).reshape(torch_y.shape) + 1
+    (torch_y * cotangent).sum().backward()
+
+    y, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+    assert np.array_equal(np.asarray(y), nchw_to_nhwc(torch_y.detach()))
+    assert np.array_equal(np.asarray(grad), nchw_to_nhwc(torch_x.grad))
+    assert (np.asarray(grad) == 0).mean() > 0.3  # ties were there to resolve: many inputs get nothing

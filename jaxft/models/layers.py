@@ -5,10 +5,13 @@
   momentum convention, and a per-layer switch to normalise with running statistics while
   training (the ``running`` policy for frozen layers).
 * ``adaptive_avg_pool``: ``nn.AdaptiveAvgPool2d`` for any input size, bins included.
+* ``max_pool``: ``nn.MaxPool2d`` with torch's gradient rule, and a backward pass XLA:CPU runs
+  several times faster than the one JAX derives for ``reduce_window``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
 
@@ -100,6 +104,62 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
     mh = jnp.asarray(_bin_matrix(h, oh), x.dtype)
     mw = jnp.asarray(_bin_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,nhwc,jw->nijc", mh, x, mw)
+
+
+def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.ndarray:
+    """``nn.MaxPool2d(window, stride, padding)`` on NHWC, padding with -inf, floor mode.
+
+    The maximum of the window's ``window**2`` strided views of the input. The gradient follows
+    torch: each output's gradient goes to the *first* maximal input of its window in row-major
+    order (ties are common after a ReLU and in low-precision inputs). JAX's own gradient of
+    ``reduce_window`` packs values with their indices and scatters them: on the CPU that took
+    240 ms for resnet's stem pool at 224 px (batch 16), against 85 ms for torch's; this one
+    is elementwise work on strided views (docs/benchmarks.md has the figures)."""
+    return _max_pool(x, window, stride, padding)
+
+
+def _pool_views(x: jnp.ndarray, window: int, stride: int, padding: int) -> tuple[jnp.ndarray, list]:
+    """The -inf-padded input and its window**2 strided views, each one output map in size,
+    in row-major order of the window's taps."""
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    n, hp, wp, c = padded.shape
+    oh, ow = (hp - window) // stride + 1, (wp - window) // stride + 1
+    views = [lax.slice(padded, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                       (1, stride, stride, 1)) for i in range(window) for j in range(window)]
+    return padded, views
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
+    # the forward pass is reduce_window's: twice as fast on the CPU as the maximum of the views
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding),) * 2)
+
+
+def _max_pool_forward(x, window, stride, padding):
+    y = _max_pool(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_backward(window, stride, padding, residuals, g):
+    x, y = residuals
+    padded, views = _pool_views(x, window, stride, padding)
+    _, hp, wp, _ = padded.shape
+    oh, ow = y.shape[1:3]
+    grad = jnp.zeros(padded.shape, g.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    for tap, view in enumerate(views):
+        i, j = divmod(tap, window)
+        first = (view == y) & ~taken
+        taken = taken | first
+        # scatter back to the tap's strided positions: pad with stride-1 zeros between cells
+        grad = grad + lax.pad(jnp.where(first, g, 0), jnp.zeros((), g.dtype),
+                              ((0, 0, 0), (i, hp - i - (oh - 1) * stride - 1, stride - 1),
+                               (j, wp - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+    h, w = x.shape[1:3]
+    return (grad[:, padding:padding + h, padding:padding + w, :],)
+
+
+_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class Conv(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import BatchNorm, Conv
+from jaxft.models.layers import BatchNorm, Conv, max_pool
 
 # torchvision init: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convolutions,
 # and nn.Linear's default for the classifier (uniform in +-1/sqrt(fan_in), weight and bias).
@@ -101,7 +101,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x, train, mask))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+        x = max_pool(x, 3, 2, 1)
 
         inplanes = 64
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):

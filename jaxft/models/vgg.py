@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import BatchNorm, Conv, adaptive_avg_pool
+from jaxft.models.layers import BatchNorm, Conv, adaptive_avg_pool, max_pool
 
 # torchvision VGG init: kaiming_normal_(fan_out, relu) convs with zero bias,
 # normal(0, 0.01) linears with zero bias.
@@ -62,7 +62,7 @@ class VGG(nn.Module):
         index = 0  # torchvision's position in nn.Sequential `features`
         for v in self.cfg:
             if v == POOL:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, 2, 2)
                 index += 1
                 continue
             x = conv(int(v), (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}")(x)
