@@ -422,10 +422,10 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                         refused = len(pending) - error.index
                         progress.global_step -= refused
                         progress.step_in_epoch -= refused
-                        count(jax.device_get([metrics for _, metrics in pending[:error.index]]))
+                        add_to_totals(jax.device_get([metrics for _, metrics in pending[:error.index]]))
                         save(iterator_state=pending[error.index][0])
                         raise
-                    count(fetched)
+                    add_to_totals(fetched)
                     now = time.perf_counter()
                     progress.train_seconds += now - interval_mark
                     images = sum(int(metrics["count"]) for metrics in fetched)
@@ -444,7 +444,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                                            "grad_norm": float(last["grad_norm"]),
                                            "images_per_sec": round(images_per_sec, 1)})
 
-                def count(fetched: list[dict]) -> None:
+                def add_to_totals(fetched: list[dict]) -> None:
                     for metrics in fetched:
                         running.add(metrics)
                         progress.images_seen += int(metrics["count"])
