@@ -175,7 +175,7 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 @pytest.mark.parametrize("hw,kernel,stride", [((1, 1), 3, 1), ((1, 1), 3, 2), ((2, 2), 3, 1), ((2, 3), 3, 2),
-                                              ((2, 2), 1, 1), ((5, 4), 3, 1)])
+                                              ((2, 2), 1, 1), ((5, 4), 3, 1), ((4, 4), 3, 2), ((5, 3), 3, 2)])
 def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
     """The centre-tap and patches routes (tiny maps on CPU) compute torch's convolution."""
     from jaxft.models.layers import Conv
@@ -188,6 +188,14 @@ def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
     got = conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, nchw_to_nhwc(x))
     assert got.shape == expected.shape
     assert rel_l2(got, expected) <= 1e-6
+    # and the gradient with respect to the input (strided routes: XLA's own is a dilated convolution)
+    x.requires_grad_(True)
+    cotangent = torch.randn(expected.shape[0], 16, *expected.shape[1:3], generator=torch.Generator().manual_seed(8))
+    (torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad) * cotangent).sum().backward()
+    _, vjp = jax.vjp(lambda v: conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, v),
+                     jnp.asarray(nchw_to_nhwc(x.detach())))
+    (grad,) = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+    assert rel_l2(grad, nchw_to_nhwc(x.grad)) <= 1e-6
 
 
 @pytest.mark.parametrize("window,stride,padding,hw", [(3, 2, 1, (9, 11)), (3, 2, 1, (8, 8)), (2, 2, 0, (7, 10)),
