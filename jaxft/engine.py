@@ -106,9 +106,11 @@ def _all_finite(tree: Any) -> jnp.ndarray:
     return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
 
 
+TrainStep = Callable[[TrainState, Batch, jnp.ndarray], tuple[TrainState, dict, jnp.ndarray]]
+
+
 def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0, normalization: Normalization = None) -> Callable[[TrainState, Batch, jnp.ndarray],
-                                                              tuple[TrainState, dict, jnp.ndarray]]:
+                    label_smoothing: float = 0.0, normalization: Normalization = None) -> TrainStep:
     """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy).
 
     ``halted`` is a device-side flag that a non-finite step sets: once it is set, later steps
@@ -157,7 +159,6 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
             "grad_norm": grad_norm,
             "finite": finite,
             "finite_parts": checks,
-            "skipped": halted,  # queued after a refused step: not trained
         }
         return new_state, metrics, halted | ~finite
 
