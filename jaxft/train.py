@@ -313,8 +313,10 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
                           num_workers=workers)
     eval_batch = max(cfg.batch_size, 64)
-    val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_workers=workers)
-    test_loader = (eval_loader(data["test"], loader_eval_t, eval_batch, num_workers=workers)
+    # Evaluation loads with threads in this process, not worker processes: a pass starts a new
+    # iterator, and spawning workers for it (they import jaxft afresh) took ~2 s, every epoch.
+    val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_threads=max(workers, 1))
+    test_loader = (eval_loader(data["test"], loader_eval_t, eval_batch, num_threads=max(workers, 1))
                    if data["test"] is not None else None)
     optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
                         int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
