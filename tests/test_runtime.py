@@ -12,9 +12,10 @@ import os
 import subprocess
 import sys
 
-from jaxft.runtime import CPU_XLA_FLAGS, default_xla_flags
+import jaxft.runtime
+from jaxft.runtime import apply_xla_flags, default_xla_flags
 
-OURS = next(iter(CPU_XLA_FLAGS))
+OURS = "--xla_cpu_experimental_ynn_fusion_type"  # a real flag, standing in for a default jaxft would add
 
 PROBE = """
 import json, os, jax
@@ -41,24 +42,25 @@ def probe(tmp_path, **env) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_flag_the_user_set_is_never_changed():
+def test_a_flag_the_user_set_is_never_changed(monkeypatch):
+    monkeypatch.setattr(jaxft.runtime, "CPU_XLA_FLAGS", {OURS: "reduce"})
     assert default_xla_flags({"XLA_FLAGS": f"{OURS}=dot"}) == {}
     assert default_xla_flags({"XLA_FLAGS": f"--xla_foo=1 {OURS}"}) == {}
-    assert default_xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == CPU_XLA_FLAGS
-    assert default_xla_flags({}) == CPU_XLA_FLAGS
+    assert default_xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == {OURS: "reduce"}
     assert default_xla_flags({"JAXFT_XLA_DEFAULTS": "0"}) == {}
+    fresh = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    monkeypatch.setattr(jaxft.runtime, "_backend_started", lambda: False)
+    assert apply_xla_flags(fresh) == {OURS: "reduce"}
+    assert fresh["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {OURS}=reduce"  # theirs first, kept
 
 
 def test_user_xla_flags_are_kept_and_take_effect(tmp_path):
     mine = f"--xla_force_host_platform_device_count=3 {OURS}=dot"
     found = probe(tmp_path, XLA_FLAGS=mine)
     assert found["XLA_FLAGS"] == mine and found["devices"] == 3  # untouched, and read by XLA
-
-    found = probe(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    assert found["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
-                                          f"{OURS}={CPU_XLA_FLAGS[OURS]}"]
-    assert found["devices"] == 2
-
+    # jaxft's defaults (none at present: jaxft.runtime.CPU_XLA_FLAGS says why) add nothing else
+    assert probe(tmp_path)["XLA_FLAGS"] == (" ".join(f"{k}={v}" for k, v in jaxft.runtime.CPU_XLA_FLAGS.items())
+                                            or None)
     assert probe(tmp_path, JAXFT_XLA_DEFAULTS="0")["XLA_FLAGS"] is None
 
 
