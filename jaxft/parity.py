@@ -52,3 +52,31 @@ def freeze_like(torch_model, model, labels) -> list:
 
 def nchw_to_nhwc(x) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def torch_adam_trajectory(arch: str, state: dict, model, labels, batches, lr: float, dtype, bn_policy: str = "torch"):
+    """The PyTorch side of an Adam trajectory held against jaxft's: a torchvision ``arch`` from
+    ``state`` in ``dtype``, frozen like jaxft's ``labels`` (``requires_grad=False``; with the
+    ``running`` policy, frozen BatchNorm modules in ``eval()``), trained with ``torch.optim.Adam``
+    on ``batches`` of NHWC arrays. Returns (loss per step, final state_dict as float64 arrays)."""
+    import torch
+    import torchvision
+
+    net = torchvision.models.get_model(arch, num_classes=model.num_classes)
+    net.load_state_dict(state)
+    net = net.to(dtype).train()
+    trainable = freeze_like(net, model, labels)
+    if bn_policy == "running":
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and not module.weight.requires_grad:
+                module.eval()
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
+                                                 torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}

@@ -29,36 +29,12 @@ from jaxft import create_model, from_torch, to_torch
 from jaxft.engine import Engine
 from jaxft.freeze import FROZEN, parse_strategy
 from jaxft.optim import OptimConfig
-from jaxft.parity import freeze_like
+from jaxft.parity import torch_adam_trajectory
 
 from test_optim import _distance, assert_no_further_than_torch
 
 STEPS, BATCH, LR = 4, 16, 2e-4
 CASES = [("full", "torch"), ("partial:0.8", "torch"), ("partial:0.8", "running")]
-
-
-def _frozen_bn_modules(net: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
-    return [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
-
-
-def _torch_run(state: dict, labels: dict, policy: str, batches, dtype: torch.dtype):
-    net = torchvision.models.resnet18(num_classes=5)
-    net.load_state_dict(state)
-    net = net.to(dtype).train()
-    trainable = freeze_like(net, create_model("resnet18", num_classes=5), labels)
-    if policy == "running":
-        for module in _frozen_bn_modules(net):
-            module.eval()
-    optimizer = torch.optim.Adam(trainable, lr=LR)
-    losses = []
-    for x, y in batches:
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
-                                                 torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +61,10 @@ def test_adam_trajectory_through_batchnorm_matches_torch(start, spec, policy):
         losses.append(float(metrics["loss_sum"] / metrics["count"]))
     final = to_torch("resnet18", jax.device_get(engine.state.variables), as_tensors=False)
 
-    losses64, final64 = _torch_run(state, engine.labels, policy, batches, torch.float64)
-    losses32, final32 = _torch_run(state, engine.labels, policy, batches, torch.float32)
+    losses64, final64 = torch_adam_trajectory("resnet18", state, model, engine.labels, batches, LR, torch.float64,
+                                              policy)
+    losses32, final32 = torch_adam_trajectory("resnet18", state, model, engine.labels, batches, LR, torch.float32,
+                                              policy)
     distances = {f"loss step {step}": _distance(losses[step], losses32[step], losses64[step])
                  for step in range(STEPS)}
     # every tensor that changes: trained parameters and the running statistics that batches update

@@ -23,31 +23,10 @@ from jaxft.data.builtin import digits
 from jaxft.engine import Engine
 from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
-from jaxft.parity import freeze_like, rel_l2
+from jaxft.parity import rel_l2, torch_adam_trajectory
 from jaxft.source_checkpoint import ensure_source_checkpoint, normalized_images
 
 BATCH = 16
-
-
-def torch_run(state, labels, policy, batches, lr, dtype):
-    net = torchvision.models.resnet18(num_classes=5)
-    net.load_state_dict(state)
-    net = net.to(dtype).train()
-    trainable = freeze_like(net, create_model("resnet18", num_classes=5), labels)
-    if policy == "running":  # frozen BatchNorm layers normalise with running statistics
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d) and not module.weight.requires_grad:
-                module.eval()
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    losses = []
-    for x, y in batches:
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
-                                                 torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
 
 
 def main() -> None:
@@ -69,7 +48,8 @@ def main() -> None:
     net.fc.reset_parameters()
     state = net.state_dict()
 
-    engine = Engine(create_model("resnet18", num_classes=5), from_torch("resnet18", state),
+    model = create_model("resnet18", num_classes=5)
+    engine = Engine(model, from_torch("resnet18", state),
                     parse_strategy(args.strategy), OptimConfig("adam", lr=args.lr, schedule="constant"),
                     total_steps=args.steps, bn_policy=args.bn_policy)
     losses = []
@@ -77,8 +57,10 @@ def main() -> None:
         metrics = engine.train_step({"image": xb, "label": yb})
         losses.append(float(metrics["loss_sum"] / metrics["count"]))
     final = to_torch("resnet18", jax.device_get(engine.state.variables), as_tensors=False)
-    losses64, final64 = torch_run(state, engine.labels, args.bn_policy, batches, args.lr, torch.float64)
-    losses32, final32 = torch_run(state, engine.labels, args.bn_policy, batches, args.lr, torch.float32)
+    losses64, final64 = torch_adam_trajectory("resnet18", state, model, engine.labels, batches, args.lr,
+                                              torch.float64, args.bn_policy)
+    losses32, final32 = torch_adam_trajectory("resnet18", state, model, engine.labels, batches, args.lr,
+                                              torch.float32, args.bn_policy)
 
     print(f"# resnet18 {args.strategy}, BN policy {args.bn_policy}, {args.size} px, batch {BATCH}, Adam lr {args.lr}")
     print("| what | jaxft from float64 | torch float32 from float64 |\n|---|---|---|")
