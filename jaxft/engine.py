@@ -33,9 +33,11 @@ Normalization = Optional[tuple[Sequence[float], Sequence[float]]]  # (mean, std)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss, gradients, optimizer state or parameters became NaN/inf; the state kept is the
-    last good one. ``index``: which of the collected steps was refused."""
+    last good one. ``index``: which of the collected steps was refused; ``collected``: the
+    metrics of the steps before it, which did train."""
 
     index: int = 0
+    collected: Sequence[dict] = ()
 
 
 @struct.dataclass
@@ -303,7 +305,7 @@ class Engine:
                                               self.normalization),
                               in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
-        self._halted = jax.device_put(np.asarray(False), replicated)
+        self._halted = self._no_halt()
         self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing, self.normalization),
                              in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
@@ -343,15 +345,19 @@ class Engine:
         fetched = jax.device_get(list(pending))
         for index, metrics in enumerate(fetched):
             if not bool(metrics["finite"]):
-                self._halted = jax.device_put(np.asarray(False), NamedSharding(self.mesh, P()))
+                self._halted = self._no_halt()
                 broken = next(name for name, ok in metrics["finite_parts"].items() if not ok)
                 error = NonFiniteLossError(
                     f"the {broken} became NaN/inf at step {int(self.state.step) + 1}; the update was refused and "
                     f"the state kept is the last good one (a lower learning rate, gradient clipping or float32 "
                     f"compute may help).")
-                error.index = index
+                error.index, error.collected = index, fetched[:index]
                 raise error
         return fetched
+
+    def _no_halt(self) -> jax.Array:
+        """A cleared ``halted`` flag on the mesh: no step refused yet."""
+        return jax.device_put(np.asarray(False), NamedSharding(self.mesh, P()))
 
     def step_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
         """What ``dispatch_step`` passes the jitted train step for ``batch``: to lower it for

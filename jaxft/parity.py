@@ -70,7 +70,15 @@ def torch_adam_trajectory(arch: str, state: dict, model, labels, batches, lr: fl
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d) and not module.weight.requires_grad:
                 module.eval()
-    optimizer = torch.optim.Adam(trainable, lr=lr)
+    losses = torch_train_loop(net, torch.optim.Adam(trainable, lr=lr), batches, dtype)
+    return losses, {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
+
+
+def torch_train_loop(net, optimizer, batches, dtype, scheduler=None) -> np.ndarray:
+    """The plain PyTorch loop the recipes write: cross-entropy on each (NHWC images, labels) batch,
+    backward, optimizer step (and scheduler step). Returns the loss of every step."""
+    import torch
+
     losses = []
     for x, y in batches:
         loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
@@ -78,5 +86,7 @@ def torch_adam_trajectory(arch: str, state: dict, model, labels, batches, lr: fl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
-    return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
+    return np.array(losses)

@@ -349,7 +349,6 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
     model in best/. Resumes from the latest checkpoint when ``resume``, with ``changes``
     ({setting: (old, new)}) to the run's configuration recorded at the step they take effect."""
-    import jax
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
@@ -424,13 +423,12 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                         refused = len(pending) - error.index
                         progress.global_step -= refused
                         progress.step_in_epoch -= refused
-                        add_to_totals(jax.device_get([metrics for _, metrics in pending[:error.index]]))
+                        add_to_totals(error.collected)
                         save(iterator_state=pending[error.index][0])
                         raise
-                    add_to_totals(fetched)
+                    images = add_to_totals(fetched)
                     now = time.perf_counter()
                     progress.train_seconds += now - interval_mark
-                    images = sum(int(metrics["count"]) for metrics in fetched)
                     images_per_sec = images / max(now - interval_mark, 1e-9)
                     interval_mark = now
                     pending.clear()
@@ -446,11 +444,14 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                                            "grad_norm": float(last["grad_norm"]),
                                            "images_per_sec": round(images_per_sec, 1)})
 
-                def add_to_totals(fetched: list[dict]) -> None:
+                def add_to_totals(fetched: Sequence[dict]) -> int:
+                    """Add trained steps to the epoch's sums; returns how many images they held."""
+                    images = sum(int(metrics["count"]) for metrics in fetched)
                     for metrics in fetched:
                         running.add(metrics)
-                        progress.images_seen += int(metrics["count"])
+                    progress.images_seen += images
                     progress.train_sums = [running.loss_sum, running.correct, running.count]
+                    return images
 
                 while progress.step_in_epoch < steps_per_epoch:
                     position = iterator.get_state()

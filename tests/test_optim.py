@@ -33,7 +33,7 @@ from jaxft.engine import Engine
 from jaxft.freeze import parse_strategy, stages
 from jaxft.models.head import LinearHead
 from jaxft.optim import SCHEDULES, OptimConfig, learning_rate_schedule
-from jaxft.parity import rel_l2
+from jaxft.parity import rel_l2, torch_train_loop
 
 FLOOR = 4 * float(np.finfo(np.float32).eps)  # 4.8e-7: a few float32 ulps
 STEPS, BATCH = 10, 64  # linear-classifier trajectories
@@ -248,16 +248,8 @@ def _torch_grouped_run(state: dict, batches, dtype: torch.dtype):
         param.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": head, "lr": GROUP_LR * FC_MULT * LAYER_DECAY ** 0},
                                   {"params": layer4_convs, "lr": GROUP_LR * LAYER_DECAY ** 1}], lr=GROUP_LR)
-    scheduler = torch_scheduler(optimizer, "cosine", GROUP_STEPS, GROUP_WARMUP)
-    losses = []
-    for x, y in batches:
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype)),
-                                                 torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    losses = torch_train_loop(net, optimizer, batches, dtype,
+                              scheduler=torch_scheduler(optimizer, "cosine", GROUP_STEPS, GROUP_WARMUP))
     trained = [name for name, p in net.named_parameters() if p.requires_grad]
     return np.array(losses), {k: v.detach().double().numpy() for k, v in net.state_dict().items()}, trained
 
