@@ -82,6 +82,15 @@ class TrainConfig:
                                            "on_resume": True})
     log_every: int = field(default=10, metadata={"help": "write step metrics every N steps", "on_resume": True})
     out: Optional[str] = field(default=None, metadata={"help": "run directory (default: runs/ARCH-DATA-STRATEGY)"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write TensorBoard event files to RUN_DIR/tensorboard (scalars, config, plots; no TensorFlow "
+                "needed)", "on_resume": True})
+    wandb: Optional[str] = field(default=None, metadata={
+        "help": "also log to this Weights & Biases project (extra [wandb]; WANDB_MODE=offline works without a "
+                "network)", "on_resume": True})
+    wandb_group: Optional[str] = field(default=None, metadata={
+        "help": "W&B run group (jaxft.compare and jaxft.tune set it to the comparison's or the study's name)",
+        "on_resume": True})
 
     def check(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "save_every": self.save_every,
@@ -102,6 +111,10 @@ class TrainConfig:
             raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.wandb:
+            from jaxft.tracking import require_wandb
+
+            require_wandb()  # before anything is written or trained
         self.lr_rules()  # parses and compiles the patterns: a bad one is a ConfigError now
         if self.arch not in ARCHS:
             from jaxft.models import check_arch

@@ -22,8 +22,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 # What python -m jaxft.train writes at the top of a run directory.
-RUN_FILES = ("config.json", "environment.json", "model.json", "metrics.jsonl", "summary.json")
-RUN_DIRS = ("checkpoints", "plots")
+RUN_FILES = ("config.json", "environment.json", "model.json", "metrics.jsonl", "summary.json",
+             "log.txt", "wandb_run_id")  # log.txt: a jaxft.tune trial's log; wandb_run_id: --wandb
+RUN_DIRS = ("checkpoints", "plots", "tensorboard", "wandb")  # the last two: --tensorboard, --wandb
 BEST = "best"  # a link to best.N, the newest complete copy of the best model
 
 

@@ -35,6 +35,7 @@ from jaxft.config import (ConfigError, TrainConfig, add_config_flags, build_conf
                           flag_name, load_config_file)
 from jaxft.pretrained import NO_WEIGHTS
 from jaxft.rundir import RunError, check_resumable, prepare_run_dir, read_run_config, write_json
+from jaxft.tracking import Callback, trackers_for
 
 EXAMPLES = """\
 examples:
@@ -345,10 +346,12 @@ def resume_progress(parts: RunParts, cfg: TrainConfig, run_dir: Path, ckpts: Any
 
 
 def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
-        quiet: bool, changes: Optional[dict[str, tuple[Any, Any]]] = None) -> Progress:
+        quiet: bool, changes: Optional[dict[str, tuple[Any, Any]]] = None,
+        callbacks: Sequence[Callback] = ()) -> Progress:
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
     model in best/. Resumes from the latest checkpoint when ``resume``, with ``changes``
-    ({setting: (old, new)}) to the run's configuration recorded at the step they take effect."""
+    ({setting: (old, new)}) to the run's configuration recorded at the step they take effect.
+    Every record of metrics.jsonl also goes to ``callbacks`` (trackers, the tuner's pruner)."""
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
@@ -373,9 +376,14 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
         progress.stage_epoch = engine.epoch
         ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
 
+    def write(record: dict[str, Any]) -> None:
+        metrics_log.write(record)
+        for callback in callbacks:
+            callback.on_record(record)
+
     def record_epoch(record: dict[str, Any]) -> None:
         progress.history.append(record)
-        metrics_log.write({"event": "epoch", "step": progress.global_step, **record})
+        write({"event": "epoch", "step": progress.global_step, **record})
 
     try:
         if resume:
@@ -388,8 +396,10 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                 f"step {progress.step_in_epoch}/{steps_per_epoch})"
                 + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+        for callback in callbacks:
+            callback.on_start(cfg, run_dir, progress.global_step, progress.history)
         if resume:
-            metrics_log.write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
+            write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
                                "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
         model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
         wall_mark = time.perf_counter()  # the wall time counts training, not setting up or restoring
@@ -437,7 +447,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                                     img_s=f"{images_per_sec:.0f}")
                     if progress.global_step % cfg.log_every == 0:  # the last collected step
                         last = fetched[-1]
-                        metrics_log.write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
+                        write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
                                            "loss": float(last["loss_sum"] / last["count"]),
                                            "accuracy": float(last["correct"] / last["count"]),
                                            "lr": float(parts.schedule(progress.global_step - 1)),
@@ -545,9 +555,10 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print,
-          quiet: bool = False, changes: Optional[dict[str, tuple[Any, Any]]] = None) -> dict[str, Any]:
+          quiet: bool = False, changes: Optional[dict[str, tuple[Any, Any]]] = None,
+          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (fresh, or resumed with ``changes`` to its config); returns
-    the summary."""
+    the summary. ``callbacks`` get every record, after the trackers ``cfg`` asks for."""
     parts = build_run(cfg, run_dir, resume, log)
     if not resume:
         eval_t = parts.eval_transform
@@ -555,8 +566,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
             "arch": cfg.arch, "num_classes": len(parts.splits.classes), "classes": list(parts.splits.classes),
             "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
             "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": parts.info.meta.source})
-    progress = fit(parts, cfg, run_dir, resume, log, quiet, changes)
-    return final_report(parts, cfg, run_dir, progress)
+    trackers = [*trackers_for(cfg), *callbacks]
+    try:
+        progress = fit(parts, cfg, run_dir, resume, log, quiet, changes, trackers)
+        summary = final_report(parts, cfg, run_dir, progress)
+        for tracker in trackers:
+            tracker.on_end(summary, run_dir)
+    finally:
+        for tracker in trackers:
+            tracker.close()
+    return summary
 
 
 # --- command line ---------------------------------------------------------------------------------
