@@ -167,6 +167,27 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_trial_values(text: str, space: Mapping[str, Param]) -> dict[str, Any]:
+    """``"lr=1e-3,strategy=head"`` (an --enqueue flag) as one trial's params; each must be in the space."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not value.strip():
+            raise ConfigError(f"--enqueue {text!r}: {item!r} must be NAME=VALUE, e.g. lr=1e-3,strategy=head")
+        if name not in space:
+            raise ConfigError(f"--enqueue {text!r}: {name!r} is not in the search space "
+                              f"({', '.join(space)}); a setting outside it comes from the base config")
+        choice = _choice(name, value)
+        allowed = space[name].choices
+        if allowed is not None and choice not in allowed:
+            raise ConfigError(f"--enqueue {text!r}: {name} {choice!r} is not among the space's {list(allowed)}")
+        values[name] = choice
+    if not values:
+        raise ConfigError(f"--enqueue {text!r} names no setting")
+    return values
+
+
 def sample(space: Mapping[str, Param], trial: Any, base_strategy: str) -> dict[str, Any]:
     """A trial's settings, as jaxft.train config values: ``partial`` and F become ``partial:F``
     (F is searched too when the base strategy is partial:F and the space names only F)."""

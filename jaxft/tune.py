@@ -33,7 +33,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
 from jaxft.rundir import RunError, atomic_write, prepare_run_dir, write_json
-from jaxft.search_space import (DEFAULT_SPACE, Param, parse_assignments, parse_space, sample, to_json)
+from jaxft.search_space import (DEFAULT_SPACE, Param, parse_assignments, parse_space, parse_trial_values, sample,
+                                 to_json)
 from jaxft.tracking import Callback
 
 STUDY_FILE, DB_FILE, TRIALS_DIR = "study.json", "study.db", "trials"
@@ -66,6 +67,8 @@ def _optuna():
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # jaxft asks for trials itself and runs the heartbeat thread as Study.optimize would (see work)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    # --enqueue may try a value outside the space's range on purpose (the recipe's lr, a known bad one)
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
     return optuna
 
 
@@ -114,16 +117,17 @@ def make_sampler(kind: str, seed: int, trial_number: int):
 
 
 def make_pruner(kind: str, startup_trials: int, warmup_epochs: int):
-    """Trials are pruned on validation accuracy, never during their first ``warmup_epochs`` epochs."""
+    """Trials are pruned on validation accuracy, never during their first ``warmup_epochs`` epochs
+    (reports are numbered by epoch from 1; Optuna's pruners skip steps below n_warmup_steps)."""
     pruners = _optuna().pruners
     if kind == "median":
-        return pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+        return pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs + 1)
     if kind == "percentile":
-        return pruners.PercentilePruner(25.0, n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+        return pruners.PercentilePruner(25.0, n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs + 1)
     if kind == "halving":
-        return pruners.SuccessiveHalvingPruner(min_resource=max(warmup_epochs, 1))
+        return pruners.SuccessiveHalvingPruner(min_resource=warmup_epochs + 1)
     if kind == "hyperband":
-        return pruners.HyperbandPruner(min_resource=max(warmup_epochs, 1))
+        return pruners.HyperbandPruner(min_resource=warmup_epochs + 1)
     return pruners.NopPruner()
 
 
@@ -137,6 +141,12 @@ def counted_trials(study: Any) -> int:
     trials = study.get_trials(deepcopy=False)
     dead = superseded(trials)
     return sum(1 for t in trials if t.number not in dead)
+
+
+def more_to_run(study: Any, n_trials: int) -> bool:
+    """Budget left, or a queued trial (a re-run, --enqueue) that counts in the budget but has not run."""
+    queued = any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False))
+    return queued or counted_trials(study) < n_trials
 
 
 # --- one trial --------------------------------------------------------------------------------------
@@ -213,9 +223,10 @@ def run_trial(study: Any, trial: Any, base: TrainConfig, space: Mapping[str, Par
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return "pruned", None, str(pruned), cfg
         except FloatingPointError as exc:  # diverged: a result, not a crash of the study
-            trial.set_user_attr("failed", f"diverged: {exc}")
+            reason = f"diverged: {str(exc).rstrip('.')}"
+            trial.set_user_attr("failed", reason)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return "failed", None, f"diverged: {exc}", cfg
+            return "failed", None, reason, cfg
         except user_errors() as exc:
             trial.set_user_attr("failed", str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -352,7 +363,7 @@ def work(study: Any, settings: Mapping[str, Any], base: TrainConfig, space: Mapp
     while timeout is None or time.monotonic() - started < timeout:
         with lock:  # counting and asking as one step: two workers never both take the last trial
             _optuna().storages.fail_stale_trials(study)
-            if counted_trials(study) >= settings["n_trials"]:
+            if not more_to_run(study, settings["n_trials"]):
                 break
             trial = study.ask()
         study.sampler = make_sampler(settings["sampler"], base.seed, trial.number)
@@ -399,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
                       help="add or override one setting of the space: lr=1e-5:1e-2:log, batch_size=16,32, "
                            "epochs=3 (fixed)")
+    tune.add_argument("--enqueue", action="append", default=[], metavar="NAME=VALUE,...",
+                      help="run a trial with these settings first (e.g. the recipe's: lr=1e-3,strategy=head); "
+                           "repeat for more")
     tune.add_argument("--sampler", choices=SAMPLERS, help="tpe (default) or random; seeded from --seed")
     tune.add_argument("--pruner", choices=PRUNERS, help="median (default), percentile (25th), halving, hyperband, none")
     tune.add_argument("--prune-startup", type=int, help="trials that finish before any is pruned (default 3)")
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 TUNE_DEFAULTS = {"n_trials": 20, "sampler": "tpe", "pruner": "median", "prune_startup": 3, "prune_warmup": 1,
                  "heartbeat": 30}
-TUNE_OPTIONS = ("resume", "n_trials", "timeout", "space", "param", "sampler", "pruner", "prune_startup",
+TUNE_OPTIONS = ("resume", "n_trials", "timeout", "space", "param", "enqueue", "sampler", "pruner", "prune_startup",
                 "prune_warmup", "storage", "heartbeat", "config")
 
 
@@ -423,6 +437,8 @@ def new_study(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Path, di
     specs = dict(DEFAULT_SPACE) if args.space is None else load_config_file(args.space)
     specs.update(parse_assignments(args.param))
     space = parse_space(specs, args.space or "the default space and --param")
+    for item in args.enqueue:  # checked here too: a mistake must leave no study directory behind
+        parse_trial_values(item, space)
     study_dir = Path(base.out) if base.out else default_study_dir(base)
     if (study_dir / STUDY_FILE).exists():
         raise TuneError(f"{study_dir} holds a study already: continue it (or add a worker) with "
@@ -435,6 +451,8 @@ def new_study(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Path, di
     for key in ("n_trials", "heartbeat", "prune_startup"):
         if settings[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
+    if settings["prune_warmup"] < 0:
+        raise ConfigError(f"--prune-warmup must be >= 0, got {settings['prune_warmup']}")
     settings.update(storage=url, study_name=study_dir.name, base=config_to_dict(base), space=to_json(space))
     study_dir.mkdir(parents=True, exist_ok=True)
     write_json(study_dir / STUDY_FILE, settings)
@@ -472,6 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         study_dir, settings = resumed_study(args, flags) if args.resume else new_study(args, flags)
         base = build_config(settings["base"], {}, str(study_dir / STUDY_FILE))
         space = parse_space(settings["space"], str(study_dir / STUDY_FILE))
+        enqueued = [parse_trial_values(item, space) for item in args.enqueue]
         storage = open_storage(settings["storage"], settings["heartbeat"])
         pruner = make_pruner(settings["pruner"], settings["prune_startup"], settings["prune_warmup"])
         if args.resume:
@@ -479,8 +498,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             study = optuna.create_study(study_name=settings["study_name"], storage=storage, direction="maximize",
                                         pruner=pruner)
+        for values in enqueued:
+            study.enqueue_trial(values)
         done = counted_trials(study)
-        print(f"study {settings['study_name']} in {study_dir}: {done} of {settings['n_trials']} trials taken, "
+        print(f"study {settings['study_name']} in {study_dir}: {done} of {settings['n_trials']} trials run or queued, "
               f"{settings['sampler']} sampler (seed {base.seed}), {settings['pruner']} pruner")
         print("  space: " + ", ".join(f"{name} {p.describe()}" for name, p in space.items()))
         print(f"  live view: optuna-dashboard {settings['storage']}")

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""A/B of jaxft train-step variants against eager torch, side by side in one process.
+
+    python tools/step_ab.py [--arch resnet18] [--strategy full] [--image-size 224] [--batch-size 16]
+                            [--repeats 5] [--variants default ynn=REDUCE xla-reduce ...]
+
+Each variant is the Engine's jitted train step (Adam, BN policy ``torch``) compiled with its own
+XLA options (``compile(compiler_options=...)``, so several configurations run in one process) and
+optionally with another BatchNorm module swapped into the model (``bn=NAME``, NAME a class in
+``BN_VARIANTS`` below). Steps run round-robin (variant A, B, ..., torch, repeat), each variant on its
+own donated state chain; prints the median step of each and its ratio to eager torch's.
+
+Variant syntax: words joined by '+': ``default`` (XLA's defaults), ``ynn=T1,T2`` (sets
+xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, DOT, INDIVIDUAL_DOT;
+``ynn=`` turns YNN fusions off), ``bn=NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+import torchvision
+
+import jaxft.models.resnet as resnet_module
+import jaxft.models.vgg as vgg_module
+from jaxft import create_model, to_torch
+from jaxft.engine import Engine
+from jaxft.freeze import parse_strategy
+from jaxft.models import layers
+from jaxft.optim import OptimConfig
+from jaxft.parity import freeze_like
+from jaxft.pretrained import init_variables
+
+BN_VARIANTS = {"current": layers.BatchNorm}
+for extra in ("BatchNormXLA",):
+    if hasattr(layers, extra):
+        BN_VARIANTS[extra] = getattr(layers, extra)
+
+
+def parse_variant(text: str) -> tuple[dict, str]:
+    options, bn = {}, "current"
+    for word in text.split("+"):
+        if word == "default":
+            continue
+        key, _, value = word.partition("=")
+        if key == "ynn":
+            options["xla_cpu_experimental_ynn_fusion_type"] = ",".join(
+                f"LIBRARY_FUSION_TYPE_{v.strip().upper()}" for v in value.split(",") if v.strip())
+        elif key == "bn":
+            bn = value
+        else:
+            options[key] = value
+    return options, bn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--strategy", default="full")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=["default"])
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+
+    model = create_model(args.arch, num_classes=10)
+    variables = init_variables(model)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, args.batch_size)}
+    runners = {}
+    for text in args.variants:
+        options, bn = parse_variant(text)
+        for module in (resnet_module, vgg_module):
+            module.BatchNorm = BN_VARIANTS[bn]
+        engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
+                        OptimConfig("adam", lr=1e-4), bn_policy="torch")
+        state, placed, halted = engine.step_arguments(batch)
+        start = time.perf_counter()
+        compiled = engine.compiled_train_step.lower(state, placed, halted).compile(compiler_options=options or None)
+        compile_s = time.perf_counter() - start
+        runners[text] = {"compiled": compiled, "state": state, "batch": placed, "halted": halted, "times": [],
+                         "compile": compile_s}
+    for module in (resnet_module, vgg_module):
+        module.BatchNorm = layers.BatchNorm
+
+    def run(name: str) -> float:
+        r = runners[name]
+        start = time.perf_counter()
+        r["state"], metrics, r["halted"] = r["compiled"](r["state"], r["batch"], r["halted"])
+        loss = float(metrics["loss_sum"] / metrics["count"])
+        r["times"].append(time.perf_counter() - start)
+        return loss
+
+    net = torchvision.models.get_model(args.arch, weights=None, num_classes=10)
+    net.load_state_dict(to_torch(args.arch, variables))
+    engine0 = Engine(model, variables, parse_strategy(args.strategy), OptimConfig("adam", lr=1e-4), bn_policy="torch")
+    optimizer = torch.optim.Adam(freeze_like(net, model, engine0.labels), lr=1e-4)
+    net.train()
+    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(batch["label"])
+    torch_times = []
+
+    def torch_step() -> float:
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        torch_times.append(time.perf_counter() - start)
+        return value
+
+    first = {name: run(name) for name in runners}  # warm-up, and the first step's loss
+    torch_first = None if args.no_torch else torch_step()
+    for r in runners.values():
+        r["times"].clear()
+    torch_times.clear()
+    for _ in range(args.repeats):
+        for name in runners:
+            run(name)
+        if not args.no_torch:
+            torch_step()
+    print(f"# {args.arch} {args.strategy}, Adam, batch {args.batch_size} x {args.image_size} px, BN policy torch, "
+          f"median of {args.repeats}, round-robin in one process")
+    base = statistics.median(runners[args.variants[0]]["times"])
+    torch_median = statistics.median(torch_times) if torch_times else float("nan")
+    print("| variant | step s | all steps s | vs first variant | jaxft/eager | first loss | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in runners.items():
+        med = statistics.median(r["times"])
+        print(f"| {name} | {med:.3f} | {' '.join(f'{t:.2f}' for t in r['times'])} | {base / med:.3f} | "
+              f"{torch_median / med:.2f} | {first[name]:.6f} | {r['compile']:.1f} |")
+    if torch_times:
+        print(f"| eager torch | {torch_median:.3f} | {' '.join(f'{t:.2f}' for t in torch_times)} | | 1.00 | "
+              f"{torch_first:.6f} | |")
+
+
+if __name__ == "__main__":
+    main()
