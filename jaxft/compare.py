@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in args.strategies:
             spec, weights = ("full", "none") if name == "scratch" else (name, base.weights)
             cfg = build_config({**base.__dict__, "strategy": spec, "weights": weights, "image_size": image_size,
-                                "out": str(out / name.replace(":", "_"))}, {})
+                                "out": str(out / name.replace(":", "_")),
+                                "wandb_group": base.wandb_group or (out.name if base.wandb else None)}, {})
             run_dir = prepare_run_dir(Path(cfg.out), overwrite=True)
             write_json(run_dir / "config.json", config_to_dict(cfg))
             print(f"== {name} -> {run_dir}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
-from jaxft.rundir import RunError, atomic_write, prepare_run_dir, write_json
+from jaxft.rundir import atomic_write, prepare_run_dir, write_json
 from jaxft.search_space import (DEFAULT_SPACE, Param, parse_assignments, parse_space, parse_trial_values, sample,
                                  to_json)
 from jaxft.tracking import Callback
@@ -262,7 +262,8 @@ def trial_rows(study: Any, names: Sequence[str]) -> list[list[Any]]:
     for t in trials:
         note = t.user_attrs.get("failed", "")
         if t.number in dead:
-            note = f"re-run as trial {min(u.number for u in trials if t.number in u.system_attrs.get('retry_history', []))}"
+            reruns = [u.number for u in trials if t.number in u.system_attrs.get("retry_history", [])]
+            note = f"re-run as trial {min(reruns)}"
         elif t.state.name == "PRUNED":
             note = f"pruned after epoch {t.last_step}"
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \

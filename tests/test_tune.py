@@ -92,7 +92,8 @@ def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes(env,
         port = s.getsockname()[1]
     storage = json.loads((study_dir / "study.json").read_text())["storage"]
     dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host",
-                                  "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  "127.0.0.1", "--port", str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         studies = None
         for _ in range(300):
