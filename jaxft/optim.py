@@ -52,9 +52,24 @@ class OptimConfig:
             raise OptimizerError("weight decay must be >= 0 and clip-grad > 0")
 
 
-def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+# Optimizer settings the compiled train step reads as arrays rather than constants, so runs and
+# tuning trials that differ only in them share one compiled step (in one process, and across
+# processes through JAX's persistent compilation cache). Whether a setting is zero or absent
+# (weight decay, momentum, clipping) still shapes the optimizer state, so that stays static.
+RUNTIME_SETTINGS = ("lr", "weight_decay", "momentum", "clip_grad")
+
+
+def runtime_values(cfg: OptimConfig) -> dict[str, float]:
+    """``cfg``'s runtime settings (see RUNTIME_SETTINGS) as plain floats."""
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum,
+            "clip_grad": cfg.clip_grad if cfg.clip_grad is not None else 0.0}
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int, lr: Any = None) -> optax.Schedule:
     """The learning rate of each optimizer step (0-based), equal to PyTorch's schedulers step for
-    step (tests/test_optim.py), for ``total_steps`` T and ``cfg.warmup_steps`` w:
+    step (tests/test_optim.py), for ``total_steps`` T and ``cfg.warmup_steps`` w. Every schedule is
+    the peak rate times a schedule of unit peak, so the peak (``lr``, default ``cfg.lr``) may be a
+    traced array:
 
     - constant: ``LinearLR(start_factor=0.01, total_iters=w)``: warm-up from 1% of the rate, as
       torchvision's classification recipe (``--lr-warmup-decay 0.01``); no warm-up: constant.
@@ -69,12 +84,12 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     total = max(int(total_steps), 1)
     warmup = max(int(cfg.warmup_steps), 0)
     if cfg.schedule == "onecycle":
-        return _one_cycle(cfg.lr, total, min(warmup / total, 1.0) if warmup else _ONECYCLE_PCT_START)
-    if cfg.schedule == "cosine":
-        main = _cosine(cfg.lr, max(total - warmup, 1))
+        unit = _one_cycle(1.0, total, min(warmup / total, 1.0) if warmup else _ONECYCLE_PCT_START)
     else:
-        main = optax.constant_schedule(cfg.lr)
-    return _warmup(cfg.lr, warmup, main) if warmup else main
+        main = _cosine(1.0, max(total - warmup, 1)) if cfg.schedule == "cosine" else optax.constant_schedule(1.0)
+        unit = _warmup(1.0, warmup, main) if warmup else main
+    peak = cfg.lr if lr is None else lr
+    return lambda count: peak * unit(count)
 
 
 _WARMUP_START = 0.01  # torchvision's --lr-warmup-decay: warm-up starts at 1% of the rate
@@ -176,30 +191,35 @@ def _clip_by_global_norm(max_norm: Optional[float]) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _base(cfg: OptimConfig) -> optax.GradientTransformation:
+def _base(cfg: OptimConfig, values: Mapping[str, Any]) -> optax.GradientTransformation:
     """The direction of an update at learning rate 1 (the schedule scales it afterwards).
     torch semantics: SGD and Adam weight decay is L2 added to the gradient; AdamW's is
-    decoupled and, as in torch, scaled by the learning rate."""
+    decoupled and, as in torch, scaled by the learning rate. ``cfg`` decides the structure,
+    ``values`` the numbers."""
     if cfg.optimizer == "adamw":
-        return optax.chain(_scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay))
-    l2 = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+        return optax.chain(_scale_by_adam(), optax.add_decayed_weights(values["weight_decay"]))
+    l2 = [optax.add_decayed_weights(values["weight_decay"])] if cfg.weight_decay else []
     if cfg.optimizer == "sgd":
-        return optax.chain(*l2, optax.trace(decay=cfg.momentum) if cfg.momentum else optax.identity())
+        return optax.chain(*l2, optax.trace(decay=values["momentum"]) if cfg.momentum else optax.identity())
     return optax.chain(*l2, _scale_by_adam())
 
 
 def build_optimizer(cfg: OptimConfig, labels: Mapping[str, Any], multipliers: Optional[Mapping[str, float]] = None,
-                    total_steps: int = 1) -> optax.GradientTransformation:
-    """The full transformation for ``labels`` (see module doc)."""
+                    total_steps: int = 1, values: Optional[Mapping[str, Any]] = None) -> optax.GradientTransformation:
+    """The full transformation for ``labels`` (see module doc). ``values`` (RUNTIME_SETTINGS,
+    default ``cfg``'s) may be traced arrays: the train step passes them in as arguments."""
     cfg.check()
-    schedule = learning_rate_schedule(cfg, total_steps)
+    values = runtime_values(cfg) if values is None else values
+    schedule = learning_rate_schedule(cfg, total_steps, values["lr"])
     groups = set(jax.tree_util.tree_leaves(labels)) - {FROZEN}
     multipliers = dict(multipliers or {})
     transforms = {FROZEN: optax.set_to_zero()}
     for group in groups:
         mult = multipliers.get(group, 1.0)
-        transforms[group] = _base(cfg) if mult == 1.0 else optax.chain(_base(cfg), optax.scale(mult))
-    return optax.chain(_clip_by_global_norm(cfg.clip_grad), optax.partition(transforms, labels),
+        base = _base(cfg, values)
+        transforms[group] = base if mult == 1.0 else optax.chain(base, optax.scale(mult))
+    clip = values["clip_grad"] if cfg.clip_grad is not None else None
+    return optax.chain(_clip_by_global_norm(clip), optax.partition(transforms, labels),
                        optax.scale_by_learning_rate(schedule))
 
 

@@ -4,7 +4,8 @@
     python tools/profile_step.py [--arch resnet18] [--strategy full] [--image-size 224] [--batch-size 16]
                                  [--bn-policy torch] [--steps 3]
 
-Runs the Engine's train step under ``jax.profiler.trace``, reads the trace back with
+Runs the Engine's train step under ``jax.profiler.trace`` (on the default backend: CPU threads'
+XLA operations, or a GPU's "XLA Ops" line), reads the trace back with
 ``jax.profiler.ProfileData`` and sums the duration of every XLA operation (thunk) by kind:
 convolution, dot, reduction (YNN or XLA's own reduce fusions), other fusions (elementwise), copies
 and the rest. Prints a table and the ten most expensive operations. The numbers in
@@ -30,6 +31,7 @@ from jaxft.pretrained import init_variables
 
 KINDS = [  # (kind, pattern over the operation's name), first match wins
     ("convolution", r"convolution|conv"),
+    ("library call (cuDNN/cuBLAS)", r"custom-call|cudnn|cublas|gemm"),  # GPU: convolutions and matmuls
     ("pooling", r"reduce-window|select-and-scatter"),
     ("dot (matmul)", r"^dot|\bdot\b|gemm|matmul"),
     ("reduction", r"reduce|ynn"),  # ynn_fusion: jaxft's default puts only reductions in YNN fusions
@@ -76,8 +78,9 @@ def main() -> None:
                 name = event.name
                 if line.name == "python" and name.startswith("PjitFunction(step)"):
                     step_ns += event.duration_ns
-                elif line.name.startswith("tf_XLA") and not name.startswith(
-                        ("ThreadpoolListener", "end: ", "ThunkExecutor")):
+                elif (line.name.startswith("tf_XLA") and not name.startswith(
+                        ("ThreadpoolListener", "end: ", "ThunkExecutor"))) or (
+                        plane.name.startswith("/device:GPU") and line.name == "XLA Ops"):
                     by_kind[kind_of(name)] += event.duration_ns  # threads overlap: a sum of thread time
                     by_op[name] += event.duration_ns
     total = sum(by_kind.values())
