@@ -198,6 +198,49 @@ def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
     assert rel_l2(grad, nchw_to_nhwc(x.grad)) <= 1e-6
 
 
+@pytest.mark.parametrize("hw,kernel,bias", [((9, 7), 3, True), ((12, 12), 3, False), ((8, 10), 5, True)])
+def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, hw, kernel, bias):
+    """Conv's route for large maps (kernel gradient as k*k matmuls, taken from
+    TAP_KERNEL_GRAD_MIN_BYTES up; lowered here so that a small map takes it): the forward pass is
+    XLA's convolution bit for bit, and the input, kernel and bias gradients are as close to torch
+    float64 as torch float32 is (within twice its distance, or 1e-6)."""
+    from jaxft.models import layers
+
+    pad = kernel // 2
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 8, *hw, generator=gen)
+    weight = torch.randn(16, 8, kernel, kernel, generator=gen)
+    b = torch.randn(16, generator=gen)
+    cotangent = torch.randn(3, 16, *hw, generator=gen)
+
+    def torch_grads(dtype):
+        xt, wt, bt = (t.to(dtype).requires_grad_(True) for t in (x, weight, b))
+        y = torch.nn.functional.conv2d(xt, wt, bt if bias else None, padding=pad)
+        (y * cotangent.to(dtype)).sum().backward()
+        grads = [nchw_to_nhwc(xt.grad), wt.grad.permute(2, 3, 1, 0).numpy()] + ([bt.grad.numpy()] if bias else [])
+        return nchw_to_nhwc(y.detach()), [np.asarray(g, np.float64) for g in grads]
+
+    conv = layers.Conv(16, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=bias)
+    params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())} | ({"bias": jnp.asarray(b.numpy())} if bias else {})
+    args = (params, jnp.asarray(nchw_to_nhwc(x)))
+
+    def grads():
+        y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), *args)
+        p_grad, x_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+        return y, [x_grad, p_grad["kernel"]] + ([p_grad["bias"]] if bias else [])
+
+    y_xla, _ = grads()
+    monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_BYTES", 0)
+    monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_FEATURES", 1)
+    assert layers._use_tap_kernel_grad(args[1], 16, (kernel, kernel), (1, 1), conv.padding, 1)
+    y, got = grads()
+    assert np.array_equal(np.asarray(y), np.asarray(y_xla))
+    _, expected = torch_grads(torch.float64)
+    _, torch32 = torch_grads(torch.float32)
+    for g, e, t in zip(got, expected, torch32):
+        assert rel_l2(np.asarray(g, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
+
+
 @pytest.mark.parametrize("window,stride,padding,hw", [(3, 2, 1, (9, 11)), (3, 2, 1, (8, 8)), (2, 2, 0, (7, 10)),
                                                       (3, 1, 1, (5, 6))])
 def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding, hw):

@@ -12,7 +12,8 @@ own donated state chain; prints the median step of each and its ratio to eager t
 
 Variant syntax: words joined by '+': ``default`` (XLA's defaults), ``ynn=T1,T2`` (sets
 xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, DOT, INDIVIDUAL_DOT;
-``ynn=`` turns YNN fusions off), ``bn=NAME``.
+``ynn=`` turns YNN fusions off), ``bn=NAME``, ``tapgrad=0`` (``layers.Conv`` never takes its
+matmul route for the kernel gradient: XLA's convolution everywhere, as before that route).
 """
 
 from __future__ import annotations
@@ -36,10 +37,8 @@ from jaxft.optim import OptimConfig
 from jaxft.parity import freeze_like
 from jaxft.pretrained import init_variables
 
+# BatchNorm modules to A/B (bn=NAME): add a candidate class here
 BN_VARIANTS = {"current": layers.BatchNorm}
-for extra in ("BatchNormXLA",):
-    if hasattr(layers, extra):
-        BN_VARIANTS[extra] = getattr(layers, extra)
 
 
 def parse_variant(text: str) -> tuple[dict, str]:
@@ -53,6 +52,8 @@ def parse_variant(text: str) -> tuple[dict, str]:
                 f"LIBRARY_FUSION_TYPE_{v.strip().upper()}" for v in value.split(",") if v.strip())
         elif key == "bn":
             bn = value
+        elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
+            options["_tapgrad"] = value
         else:
             options[key] = value
     return options, bn
@@ -75,10 +76,12 @@ def main() -> None:
     batch = {"image": rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32),
              "label": rng.integers(0, 10, args.batch_size)}
     runners = {}
+    default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
     for text in args.variants:
         options, bn = parse_variant(text)
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
+        layers.TAP_KERNEL_GRAD_MIN_BYTES = float("inf") if options.pop("_tapgrad", "1") == "0" else default_min_bytes
         engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
                         OptimConfig("adam", lr=1e-4), bn_policy="torch")
         state, placed, halted = engine.step_arguments(batch)
@@ -89,6 +92,7 @@ def main() -> None:
                          "compile": compile_s}
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
+    layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
 
     def run(name: str) -> float:
         r = runners[name]

@@ -201,6 +201,9 @@ class Conv(nn.Module):
                                                            dimension_numbers=dims)
             # patches' features are ordered (in_channel, kh, kw)
             y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+        elif _use_tap_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
+                                  self.feature_group_count):
+            y = _conv_tap_kernel_grad(x, kernel, tuple(map(tuple, self.padding)))
         else:
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims,
                                              feature_group_count=self.feature_group_count)
@@ -222,3 +225,55 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: i
     docs/benchmarks.md.)"""
     _, h, w, _ = shape
     return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6
+
+
+# XLA:CPU (jaxlib 0.10) runs convolutions as YNNPACK fusions by default, and its kernel gradient of
+# a stride-1 kxk convolution over large maps is 2-4x slower than the same sums as k*k matmuls (the
+# input map's shifted views against the output gradient, contracted over N*H*W), e.g. vgg16's
+# 112x112, 128 -> 128 layer at batch 16: 2.6 s against 0.74 s, and also 10x further from float64
+# (5.8e-6 against 5.1e-7). Measured on this project's 2-core CPU: the matmuls win from about 24 MiB
+# of input map with >= 128 output channels, and lose on smaller maps (resnet's 56x56x64: 56 vs
+# 166 ms), so the route is taken only there (docs/benchmarks.md).
+TAP_KERNEL_GRAD_MIN_BYTES = 24 * 2**20
+TAP_KERNEL_GRAD_MIN_FEATURES = 128
+
+
+def _use_tap_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
+                         padding: Any, groups: int) -> bool:
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and groups == 1 and max(kernel_size) > 1
+            and tuple(strides) == (1, 1) and not isinstance(padding, str) and features >= TAP_KERNEL_GRAD_MIN_FEATURES
+            and x.size * x.dtype.itemsize >= TAP_KERNEL_GRAD_MIN_BYTES)
+
+
+def _conv_stride1(x: jnp.ndarray, kernel: jnp.ndarray, padding: tuple) -> jnp.ndarray:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_tap_kernel_grad(x, kernel, padding):
+    """A stride-1 convolution (NHWC, HWIO) whose kernel gradient is k*k matmuls: tap (i, j) of the
+    gradient is the padded input's view shifted by (i, j), as an (N*H*W, C_in) matrix, transposed
+    against the output gradient as (N*H*W, C_out). The forward pass and the input gradient are
+    XLA's own convolutions."""
+    return _conv_stride1(x, kernel, padding)
+
+
+def _conv_tap_kernel_grad_forward(x, kernel, padding):
+    return _conv_stride1(x, kernel, padding), (x, kernel)
+
+
+def _conv_tap_kernel_grad_backward(padding, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv_stride1(x, kernel, padding), x)
+    (dx,) = input_vjp(g)
+    kh, kw, cin, cout = kernel.shape
+    _, oh, ow, _ = g.shape
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    g2 = g.reshape(-1, cout)
+    taps = [lax.dot_general(padded[:, i:i + oh, j:j + ow, :].reshape(-1, cin), g2, (((0,), (0,)), ((), ())),
+                            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            for i in range(kh) for j in range(kw)]
+    return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_tap_kernel_grad.defvjp(_conv_tap_kernel_grad_forward, _conv_tap_kernel_grad_backward)
