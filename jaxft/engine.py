@@ -102,10 +102,21 @@ def _merge(*parts: Mapping) -> dict:
     return traverse_util.unflatten_dict({k: v for part in parts for k, v in part.items()})
 
 
-def _all_finite(tree: Any) -> jnp.ndarray:
-    """True when every floating-point leaf of ``tree`` is finite (integer step counts always are)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
+def _nonfinite_bits(tagged: Sequence[tuple[int, Any]]) -> jnp.ndarray:
+    """A uint8 scalar with ``bit`` set for each ``(bit, tree)`` in ``tagged`` that holds a NaN/inf.
+
+    The floating-point leaves are grouped by shape; each group is folded element by element into
+    one uint8 code (``bit`` where a leaf is non-finite) and only that code is reduced: one fused
+    pass over a parameter and its optimizer moments, writing a byte per element, where a
+    per-leaf ``all(isfinite(.))`` wrote a boolean array per leaf and reduced each."""
+    groups: dict[tuple, jnp.ndarray] = {}
+    for bit, tree in tagged:
+        for x in jax.tree_util.tree_leaves(tree):
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                code = jnp.where(jnp.isfinite(x), np.uint8(0), np.uint8(bit))
+                groups[x.shape] = code if x.shape not in groups else groups[x.shape] | code
+    bits = [jax.lax.reduce(code, np.uint8(0), jax.lax.bitwise_or, tuple(range(code.ndim))) for code in groups.values()]
+    return functools.reduce(jnp.bitwise_or, bits, jnp.zeros((), jnp.uint8))
 
 
 TrainStep = Callable[[TrainState, Batch, jnp.ndarray], tuple[TrainState, dict, jnp.ndarray]]
@@ -146,14 +157,21 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
         grad_norm = optax.tree.norm(grads)
         # What became non-finite, in the order it would happen. A finite gradient can still
         # overflow Adam's second moment (g**2) or the parameters (p + huge update), so the
-        # state the step would keep is checked too, not only the loss and the gradients.
+        # state the step would keep is checked too, not only the loss and the gradients: in
+        # one fused pass that writes a byte per element (_nonfinite_bits).
+        bits = _nonfinite_bits([(1, opt_state), (2, new_trainable), (2, batch_stats)])
         checks = {"loss": jnp.isfinite(loss), "gradients": jnp.isfinite(grad_norm),
-                  "optimizer state": _all_finite(opt_state),
-                  "parameters": _all_finite(new_trainable) & _all_finite(batch_stats)}
+                  "optimizer state": (bits & 1) == 0, "parameters": (bits & 2) == 0}
         finite = functools.reduce(jnp.logical_and, checks.values())
         # On NaN/inf, or after one, keep the previous state, so the caller stops with the last good one.
         keep = finite & ~halted
-        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), new_state, state)
+        # lax.cond, not a select over the whole state: a kept step copies the new state into the
+        # donated buffers (one read, one write per element), where jnp.where(keep, new, old)
+        # read the old state too. The update itself is computed exactly as before the guard
+        # (same XLA fusions), because XLA:CPU contracts a*b + c*d into an FMA and which
+        # product it contracts depends on the fusion the update lands in: computing it inside
+        # the cond, or fused with a select, changes the last bits of some leaves.
+        new_state = jax.lax.cond(keep, lambda: new_state, lambda: state)
         metrics = {
             "loss_sum": loss * jnp.sum(mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
