@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxft.freeze import FROZEN, Strategy, frozen_batchnorm_paths, lr_groups
-from jaxft.optim import OptimConfig, build_optimizer, state_bytes, transfer_state
+from jaxft.optim import OptimConfig, build_optimizer, runtime_values, state_bytes, transfer_state
 
 BN_POLICIES = ("running", "torch")
 # {'image': (N, H, W, 3) float32, or uint8 normalised on the device, 'label': (N,) int, 'mask': (N,) float32}
@@ -69,10 +69,12 @@ def model_for_policy(model: nn.Module, labels: Mapping[str, Any], bn_policy: str
     return model.clone(frozen_bn=frozen)
 
 
-def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
-    """Per-sample cross-entropy; label smoothing as torch's ``CrossEntropyLoss(label_smoothing=)``."""
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: Any = 0.0) -> jnp.ndarray:
+    """Per-sample cross-entropy; label smoothing as torch's ``CrossEntropyLoss(label_smoothing=)``.
+    ``label_smoothing`` may be a traced array (the steps take it as an argument); at 0 the
+    smoothed targets are the one-hot targets exactly."""
     targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
+    if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
@@ -119,19 +121,26 @@ def _nonfinite_bits(tagged: Sequence[tuple[int, Any]]) -> jnp.ndarray:
     return functools.reduce(jnp.bitwise_or, bits, jnp.zeros((), jnp.uint8))
 
 
-TrainStep = Callable[[TrainState, Batch, jnp.ndarray], tuple[TrainState, dict, jnp.ndarray]]
+Settings = Mapping[str, jnp.ndarray]  # the runtime settings a step takes as arrays (Engine.settings)
+TrainStep = Callable[[TrainState, Batch, jnp.ndarray, Settings], tuple[TrainState, dict, jnp.ndarray]]
 
 
-def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0, normalization: Normalization = None) -> TrainStep:
+def make_train_step(model: nn.Module, labels: Mapping[str, Any],
+                    optimizer: Callable[[Settings], optax.GradientTransformation],
+                    normalization: Normalization = None) -> TrainStep:
     """The un-jitted train step for ``model`` (already cloned for the BatchNorm policy).
 
-    ``halted`` is a device-side flag that a non-finite step sets: once it is set, later steps
-    leave the state as it is. The caller reads metrics only every few steps (no host sync per
-    step), so the steps it queued after a NaN must not train on from the refused one; with the
-    flag, the state it finds is the last good one, whenever it looks."""
+    ``settings`` holds the learning rate, weight decay, momentum, clipping norm (see
+    ``optim.RUNTIME_SETTINGS``) and label smoothing as arrays: the step builds its optimizer from
+    them (``optimizer(settings)``), so runs and tuning trials that differ only in these values
+    share one compiled step. ``halted`` is a device-side flag that a non-finite step sets: once it
+    is set, later steps leave the state as it is. The caller reads metrics only every few steps
+    (no host sync per step), so the steps it queued after a NaN must not train on from the
+    refused one; with the flag, the state it finds is the last good one, whenever it looks."""
 
-    def step(state: TrainState, batch: Batch, halted: jnp.ndarray) -> tuple[TrainState, dict, jnp.ndarray]:
+    def step(state: TrainState, batch: Batch, halted: jnp.ndarray,
+             settings: Settings) -> tuple[TrainState, dict, jnp.ndarray]:
+        tx = optimizer(settings)
         trainable, frozen = _split(state.params, labels)
         mask = batch["mask"].astype(jnp.float32)
         count = jnp.maximum(jnp.sum(mask), 1.0)
@@ -143,7 +152,7 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
                 {"params": _merge(trainable_params, frozen), "batch_stats": state.batch_stats},
                 images, train=True, mask=batch["mask"], mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng})
-            per_sample = cross_entropy(logits, batch["label"], label_smoothing)
+            per_sample = cross_entropy(logits, batch["label"], settings["label_smoothing"])
             return jnp.sum(per_sample * mask) / count, (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -185,11 +194,11 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any], tx: optax.Gradi
     return step
 
 
-def make_eval_step(model: nn.Module, label_smoothing: float = 0.0,
-                   normalization: Normalization = None) -> Callable[[TrainState, Batch], dict]:
-    """Sums of loss and correct predictions over the real (unmasked) samples, and predictions."""
+def make_eval_step(model: nn.Module, normalization: Normalization = None) -> Callable[[TrainState, Batch, Any], dict]:
+    """Sums of loss and correct predictions over the real (unmasked) samples, and predictions;
+    the loss with ``label_smoothing`` (an array argument, as in the train step)."""
 
-    def step(state: TrainState, batch: Batch) -> dict:
+    def step(state: TrainState, batch: Batch, label_smoothing: jnp.ndarray) -> dict:
         logits = model.apply(state.variables, model_input(batch["image"], normalization), train=False)
         mask = batch["mask"].astype(jnp.float32)
         per_sample = cross_entropy(logits, batch["label"], label_smoothing)
@@ -308,6 +317,9 @@ class Engine:
     def _configure(self, labels: dict) -> None:
         self.labels, self.multipliers = lr_groups(labels, self.model, self.lr_rules, self.layer_decay)
         self.tx = build_optimizer(self.optim, self.labels, self.multipliers, self.total_steps)
+        # the step builds its optimizer from the settings it is given (arrays), so that runs
+        # differing only in those values share one compiled program
+        optimizer = functools.partial(build_optimizer, self.optim, self.labels, self.multipliers, self.total_steps)
         variables = self.state.variables if self.state is not None else self.variables
         fresh = TrainState.create(variables, self.tx, self.seed)
         if self.state is not None:
@@ -319,13 +331,16 @@ class Engine:
         self.state = jax.device_put(fresh, replicated, may_alias=False)
         policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
         batch_sharding = NamedSharding(self.mesh, P("data"))
-        self._train = jax.jit(make_train_step(policy_model, self.labels, self.tx, self.label_smoothing,
-                                              self.normalization),
-                              in_shardings=(replicated, batch_sharding, replicated),
+        self._train = jax.jit(make_train_step(policy_model, self.labels, optimizer, self.normalization),
+                              in_shardings=(replicated, batch_sharding, replicated, replicated),
                               out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
         self._halted = self._no_halt()
-        self._eval = jax.jit(make_eval_step(self.model, self.label_smoothing, self.normalization),
-                             in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+        self._eval = jax.jit(make_eval_step(self.model, self.normalization),
+                             in_shardings=(replicated, batch_sharding, replicated), out_shardings=replicated)
+        settings = {**runtime_values(self.optim), "label_smoothing": self.label_smoothing}
+        with np.errstate(over="ignore"):  # float32 as the step computes: a rate of 1e39 is inf there too
+            settings = {k: np.float32(v) for k, v in settings.items()}
+        self.settings = jax.device_put(settings, replicated)
 
     def set_epoch(self, epoch: int) -> bool:
         """Tell the engine which epoch starts; returns True when gradual unfreezing moved on."""
@@ -353,7 +368,7 @@ class Engine:
         """Queue a train step on the device and return its metrics as device arrays, without
         waiting for it: the host goes on to load the next batch while the device computes.
         Pass the metrics to ``collect`` (every few steps) to read them and to learn of a NaN."""
-        self.state, metrics, self._halted = self._train(self.state, self._place(batch), self._halted)
+        self.state, metrics, self._halted = self._train(self.state, self._place(batch), self._halted, self.settings)
         return metrics
 
     def collect(self, pending: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, Any]]:
@@ -380,7 +395,7 @@ class Engine:
     def step_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
         """What ``dispatch_step`` passes the jitted train step for ``batch``: to lower it for
         XLA's cost and memory analyses (``self.compiled_train_step.lower(*args)``)."""
-        return self.state, self._place(batch), self._halted
+        return self.state, self._place(batch), self._halted, self.settings
 
     @property
     def compiled_train_step(self) -> Callable:
@@ -393,7 +408,7 @@ class Engine:
 
     def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["label"])
-        metrics = jax.device_get(self._eval(self.state, self._place(batch)))
+        metrics = jax.device_get(self._eval(self.state, self._place(batch), self.settings["label_smoothing"]))
         metrics["predictions"] = metrics["predictions"][:n]
         return metrics
 

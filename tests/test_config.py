@@ -79,4 +79,4 @@ def test_resume_takes_only_the_settings_that_can_change_mid_run(tmp_path):
     older = {k: v for k, v in saved.items() if k != "label_smoothing"}  # written before that setting existed
     assert config_for_resume(older, {}, {"lr": 0.01}, "config.json")[1] == {}
     assert set(CHANGEABLE_ON_RESUME) == {"data_dir", "epochs", "lr", "clip_grad", "workers", "save_every", "keep",
-                                         "log_every"}
+                                         "log_every", "tensorboard", "wandb", "wandb_group"}

@@ -317,3 +317,32 @@ def test_uint8_batches_normalised_on_the_device_train_as_host_normalised_ones(re
         np.testing.assert_allclose(got["loss_sum"], expected["loss_sum"], rtol=1e-5)
     with pytest.raises(ValueError, match="need the engine's normalization"):
         float_engine.train_step({"image": crops, "label": labels})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_runs_that_differ_only_in_runtime_settings_share_one_compiled_step(resnet18_setup, optimizer):
+    """The learning rate, weight decay, momentum, clipping norm and label smoothing are arguments
+    of the compiled steps, not constants: two runs that differ only in them lower to one program
+    (so a tuning trial loads an earlier trial's step from the persistent compilation cache instead
+    of compiling it), and each still trains with its own values."""
+    model, variables = resnet18_setup
+
+    def engine(lr, weight_decay, momentum, clip, smoothing):
+        cfg = OptimConfig(optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, clip_grad=clip,
+                          schedule="cosine")
+        return Engine(model, variables, parse_strategy("partial:0.5"), cfg, total_steps=4, label_smoothing=smoothing)
+
+    a, b = engine(1e-3, 1e-4, 0.9, 1.0, 0.1), engine(3e-2, 5e-3, 0.5, 0.25, 0.0)
+    batch = _batch(0)
+    train_program = [e.compiled_train_step.lower(*e.step_arguments(batch)).as_text() for e in (a, b)]
+    assert train_program[0] == train_program[1]
+    eval_program = [e._eval.lower(e.state, e._place(batch), e.settings["label_smoothing"]).as_text() for e in (a, b)]
+    assert eval_program[0] == eval_program[1]
+    losses = [e.eval_step(batch)["loss_sum"] for e in (a, b)]
+    assert losses[0] != losses[1]  # the same weights: only label smoothing differs
+    for e in (a, b):
+        e.train_step(batch)
+    moved = [jax.tree_util.tree_map(lambda new, old: np.asarray(new) - np.asarray(old), e.state.params,
+                                    variables["params"]) for e in (a, b)]
+    step_a, step_b = (np.abs(m["fc"]["kernel"]).max() for m in moved)
+    assert step_b > 3 * step_a  # b's rate is 30x a's (clipped harder); a's own step, not b's

@@ -22,7 +22,6 @@ import argparse
 import statistics
 import time
 
-import jax
 import numpy as np
 import torch
 import torchvision
@@ -84,12 +83,13 @@ def main() -> None:
         layers.TAP_KERNEL_GRAD_MIN_BYTES = float("inf") if options.pop("_tapgrad", "1") == "0" else default_min_bytes
         engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
                         OptimConfig("adam", lr=1e-4), bn_policy="torch")
-        state, placed, halted = engine.step_arguments(batch)
+        state, placed, halted, settings = engine.step_arguments(batch)
         start = time.perf_counter()
-        compiled = engine.compiled_train_step.lower(state, placed, halted).compile(compiler_options=options or None)
+        compiled = engine.compiled_train_step.lower(state, placed, halted, settings).compile(
+            compiler_options=options or None)
         compile_s = time.perf_counter() - start
-        runners[text] = {"compiled": compiled, "state": state, "batch": placed, "halted": halted, "times": [],
-                         "compile": compile_s}
+        runners[text] = {"compiled": compiled, "state": state, "batch": placed, "halted": halted,
+                         "settings": settings, "times": [], "compile": compile_s}
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
@@ -97,7 +97,7 @@ def main() -> None:
     def run(name: str) -> float:
         r = runners[name]
         start = time.perf_counter()
-        r["state"], metrics, r["halted"] = r["compiled"](r["state"], r["batch"], r["halted"])
+        r["state"], metrics, r["halted"] = r["compiled"](r["state"], r["batch"], r["halted"], r["settings"])
         loss = float(metrics["loss_sum"] / metrics["count"])
         r["times"].append(time.perf_counter() - start)
         return loss
