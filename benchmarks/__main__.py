@@ -89,7 +89,8 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
         "Train step throughput", *steps.train_table(results, setup, peak),
         note=f"Adam, {setup.describe()}. jaxft `Engine.train_step` (BatchNorm policy `torch`) against PyTorch "
              "(`requires_grad=False` freezing, `torch.optim.Adam`); GFLOP/s from XLA's cost analysis of the step, "
-             "as a share of the matmul peak above; loss rel diff: the first step from identical weights.")
+             "as a share of the matmul peak above; loss rel diff: the first step from identical weights. Each "
+             "step takes its batch from host memory on both sides (jaxft places it, torch `.to(device)`).")
     return section, results, failures
 
 

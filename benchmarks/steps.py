@@ -4,7 +4,8 @@ One train step = forward, backward of what trains, Adam update. jaxft runs ``Eng
 with BatchNorm policy ``torch``; PyTorch freezes with ``requires_grad=False`` (the tutorials'
 way) and runs ``model.train()``, eager and, where it works, ``torch.compile``. So both
 frameworks compute the same step, and the first step's loss from identical weights is
-compared. VGG runs without dropout: the two frameworks draw different masks, which would
+compared. Both take the batch from host memory each step, as training does (on a GPU the
+host-to-device copy is part of the step's cost; it used to be charged to jaxft alone). VGG runs without dropout: the two frameworks draw different masks, which would
 make that loss incomparable, and dropout costs next to nothing.
 
 Inference = the eval-mode forward: a jitted ``model.apply(train=False)`` against torch's
@@ -161,9 +162,13 @@ def torch_train_step(model: torch.nn.Module, trainable: list, batch: dict, setup
     optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
     model.train()
     forward = torch.compile(model) if compile_model else model
-    x, y = torch_images(batch["image"], setup), torch.from_numpy(batch["label"]).to(setup.torch_device)
+    # The batch starts in host memory on both sides, as in training: jaxft's step places it on the
+    # device each time, and the recipe's loop does `inputs.to(device)` (a no-op on the CPU).
+    x_host = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    y_host = torch.from_numpy(batch["label"])
 
     def step() -> float:
+        x, y = x_host.to(setup.torch_device), y_host.to(setup.torch_device)
         with setup.autocast():
             loss = torch.nn.functional.cross_entropy(forward(x), y)
         optimizer.zero_grad(set_to_none=True)

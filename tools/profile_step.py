@@ -4,8 +4,8 @@
     python tools/profile_step.py [--arch resnet18] [--strategy full] [--image-size 224] [--batch-size 16]
                                  [--bn-policy torch] [--steps 3]
 
-Runs the Engine's train step under ``jax.profiler.trace`` (on the default backend: CPU threads'
-XLA operations, or a GPU's "XLA Ops" line), reads the trace back with
+Runs the Engine's train step under ``jax.profiler.trace`` (on the default backend: the XLA operations of
+the CPU's threads, or the kernels on a GPU's streams), reads the trace back with
 ``jax.profiler.ProfileData`` and sums the duration of every XLA operation (thunk) by kind:
 convolution, dot, reduction (YNN or XLA's own reduce fusions), other fusions (elementwise), copies
 and the rest. Prints a table and the ten most expensive operations. The numbers in
@@ -31,7 +31,8 @@ from jaxft.pretrained import init_variables
 
 KINDS = [  # (kind, pattern over the operation's name), first match wins
     ("convolution", r"convolution|conv"),
-    ("library call (cuDNN/cuBLAS)", r"custom-call|cudnn|cublas|gemm"),  # GPU: convolutions and matmuls
+    # GPU kernels: cuDNN/cuBLAS/CUTLASS calls are the convolutions and matmuls
+    ("library call (cuDNN/cuBLAS)", r"custom-call|cudnn|cublas|gemm|xmma|cutlass|sm\d+_"),
     ("pooling", r"reduce-window|select-and-scatter"),
     ("dot (matmul)", r"^dot|\bdot\b|gemm|matmul"),
     ("reduction", r"reduce|ynn"),  # ynn_fusion: jaxft's default puts only reductions in YNN fusions
@@ -80,10 +81,13 @@ def main() -> None:
                     step_ns += event.duration_ns
                 elif (line.name.startswith("tf_XLA") and not name.startswith(
                         ("ThreadpoolListener", "end: ", "ThunkExecutor"))) or (
-                        plane.name.startswith("/device:GPU") and line.name == "XLA Ops"):
+                        plane.name.startswith("/device:GPU") and line.name.startswith("Stream")):
                     by_kind[kind_of(name)] += event.duration_ns  # threads overlap: a sum of thread time
                     by_op[name] += event.duration_ns
     total = sum(by_kind.values())
+    if not total:  # a profiler that names its lines differently: show what the trace holds
+        for plane in profile.planes:
+            print(f"plane {plane.name}: lines {sorted({line.name for line in plane.lines})[:12]}")
     print(f"# {args.arch} {args.strategy}, batch {args.batch_size} x {args.image_size} px, BN policy {args.bn_policy}; "
           f"{args.steps} steps; XLA operations {total / 1e6 / args.steps:.0f} thread-ms/step"
           + (f", the step {step_ns / 1e6 / args.steps:.0f} ms/step wall" if step_ns else ""))
