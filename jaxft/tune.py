@@ -106,11 +106,13 @@ def open_storage(url: str, heartbeat: int):
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
 
 
-def make_sampler(kind: str, seed: int, trial_number: int):
-    """Seeded per trial (from the study seed and the trial number): parallel workers with one
-    --seed draw different trials, and a one-process study is reproducible."""
+def make_sampler(kind: str, seed: int, index: int):
+    """Seeded per trial, from the study seed and the trial's place in the study (``index``: the
+    trials before it, re-runs of dead trials not counted). Parallel workers with one --seed draw
+    different trials, a one-process study is reproducible, and a study resumed after a kill draws
+    what the uninterrupted study would have drawn."""
     optuna = _optuna()
-    trial_seed = (seed * 1_000_003 + trial_number) % 2**32
+    trial_seed = (seed * 1_000_003 + index) % 2**32
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=trial_seed)
     return optuna.samplers.TPESampler(seed=trial_seed)
@@ -367,7 +369,10 @@ def work(study: Any, settings: Mapping[str, Any], base: TrainConfig, space: Mapp
             if not more_to_run(study, settings["n_trials"]):
                 break
             trial = study.ask()
-        study.sampler = make_sampler(settings["sampler"], base.seed, trial.number)
+            trials = study.get_trials(deepcopy=False)
+            dead = superseded(trials)
+            index = sum(1 for t in trials if t.number < trial.number and t.number not in dead)
+        study.sampler = make_sampler(settings["sampler"], base.seed, index)
         beat = heartbeat(study, trial)
         beat.start()
         clock = time.monotonic()

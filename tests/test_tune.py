@@ -40,7 +40,7 @@ def epochs_logged(run: Path) -> list[int]:
     return [r["epoch"] for r in records if r.get("event") == "epoch"]
 
 
-def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes(env, tmp_path):
+def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes_as_if_uninterrupted(env, tmp_path):
     study_dir = tmp_path / "study"
     # Enqueued first: two sound rates, one that diverges, one too small to learn (pruned); the
     # sampler draws the rest. The study is killed during trial 4, after its first epoch's checkpoint.
@@ -58,10 +58,19 @@ def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes(env,
     assert before[4][0] == "RUNNING" and not (victim / "summary.json").exists()
     assert [before[n][0] for n in range(4)] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
 
+    # after the heartbeat's grace period (2 x --heartbeat 2 s) the dead trial is stale at the first
+    # ask, and is re-run before any new trial: the study then continues as if never interrupted
+    time.sleep(5)
     result = cli("jaxft.tune", "--resume", study_dir, env=env)
     assert result.returncode == 0, result.stderr
     study = load(study_dir)
     after = snapshot(study)
+    # the same study never interrupted: the same trials, params, states and values, in order
+    reference = cli(*(str(study_dir.parent / "reference") if a == study_dir else a for a in args), env=env)
+    assert reference.returncode == 0, reference.stderr
+    dead = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
+    kept = [(state, value, params) for number, (state, value, params) in sorted(after.items()) if number not in dead]
+    assert kept == [v for _, v in sorted(snapshot(load(study_dir.parent / "reference")).items())]
     for number in range(4):  # no finished trial lost or re-run
         assert after[number] == before[number]
     failed = study.trials[2]
