@@ -12,6 +12,8 @@ math from ``jaxft.engine``, checkpoints from ``jaxft.checkpoint``, files for peo
     best/              the best model's variables (jaxft variables format)
     summary.json       final metrics, per-class accuracy, best epoch, wall time, images/s
     plots/             curves.png, confusion_val.png (and confusion_test.png)
+    tensorboard/       with --tensorboard: TensorBoard event files (jaxft.tracking)
+    wandb/             with --wandb: the W&B run's local files (wandb_run_id: its id, for --resume)
 """
 
 from __future__ import annotations
@@ -400,7 +402,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
             callback.on_start(cfg, run_dir, progress.global_step, progress.history)
         if resume:
             write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
-                               "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
+                   "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
         model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
         wall_mark = time.perf_counter()  # the wall time counts training, not setting up or restoring
         if not resume:
@@ -414,8 +416,9 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                     log(describe(parts.strategy.labels(parts.model, parts.variables["params"], epoch),
                                  parts.variables["params"], parts.strategy))
                 running = StepStats(*progress.train_sums)
-                bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           disable=True if quiet else None, leave=False, unit="step")
+                bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if quiet else None, leave=False,
+                           unit="step")
                 epoch_start = interval_mark = time.perf_counter()
                 # Steps are queued on the device and their metrics read every log interval (and
                 # before a checkpoint, an interrupt or the epoch's end), not per step: a per-step
@@ -448,11 +451,11 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                     if progress.global_step % cfg.log_every == 0:  # the last collected step
                         last = fetched[-1]
                         write({"event": "step", "step": progress.global_step, "epoch": epoch + 1,
-                                           "loss": float(last["loss_sum"] / last["count"]),
-                                           "accuracy": float(last["correct"] / last["count"]),
-                                           "lr": float(parts.schedule(progress.global_step - 1)),
-                                           "grad_norm": float(last["grad_norm"]),
-                                           "images_per_sec": round(images_per_sec, 1)})
+                               "loss": float(last["loss_sum"] / last["count"]),
+                               "accuracy": float(last["correct"] / last["count"]),
+                               "lr": float(parts.schedule(progress.global_step - 1)),
+                               "grad_norm": float(last["grad_norm"]),
+                               "images_per_sec": round(images_per_sec, 1)})
 
                 def add_to_totals(fetched: Sequence[dict]) -> int:
                     """Add trained steps to the epoch's sums; returns how many images they held."""

@@ -158,7 +158,6 @@ class TrialReporter(Callback):
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
-        self.epochs = 0
 
     def on_start(self, cfg: TrainConfig, run_dir: Path, step: int, history: Sequence[Mapping[str, Any]]) -> None:
         for record in history:  # a retried trial continues a run: report what it already did
@@ -173,7 +172,6 @@ class TrialReporter(Callback):
         if epoch < 1:
             return
         self.trial.report(record["val_accuracy"], epoch)
-        self.epochs = epoch
         if prune and self.trial.should_prune():
             import optuna
 
@@ -207,8 +205,13 @@ def run_trial(study: Any, trial: Any, base: TrainConfig, space: Mapping[str, Par
     original = frozen(study, trial.number).system_attrs.get("failed_trial")
     run_dir = study_dir / TRIALS_DIR / f"{original if original is not None else trial.number:04d}"
     group = (base.wandb_group or group) if base.wandb else None  # each trial a W&B run in the study's group
-    cfg = build_config({**config_to_dict(base), **values, "out": str(run_dir), "wandb_group": group}, {})
     trial.set_user_attr("run_dir", str(run_dir.relative_to(study_dir)))
+    try:
+        cfg = build_config({**config_to_dict(base), **values, "out": str(run_dir), "wandb_group": group}, {})
+    except user_errors() as exc:  # settings the space allows but training refuses: this trial fails
+        trial.set_user_attr("failed", str(exc))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "failed", None, str(exc), base
     resume = original is not None and has_checkpoint(run_dir)
     if not resume:
         prepare_run_dir(run_dir, overwrite=True)
