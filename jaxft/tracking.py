@@ -81,8 +81,9 @@ class TensorBoardTracker(Callback):
         from tensorboardX import SummaryWriter
 
         # purge_step: TensorBoard drops what an interrupted session logged after the step the run
-        # resumes from, so the curves show the run that counts, not both attempts.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+        # resumes from, so the curves show the run that counts, not both attempts. What was logged
+        # at that step itself came before its checkpoint, and stays.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         self.writer.add_text("config", config_markdown(cfg), step)
 
     def on_record(self, record: Mapping[str, Any]) -> None:

@@ -124,3 +124,33 @@ def test_wandb_without_the_extra_stops_compare_and_tune_before_they_start(tmp_pa
     assert main([*RUN[:-1], "--out", str(tmp_path / "out"), "--wandb", "p"]) == 2
     assert "pip install 'jaxft[wandb]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_after_kill_and_resume_holds_each_step_once(env, tmp_path):
+    """SIGKILL after steps were logged past the last checkpoint, then --resume: TensorBoard's
+    reader shows each step once, with the values of the run that counts (metrics.jsonl's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from clitools import interrupt_when, logged_steps, saved_steps, start_training
+
+    run = tmp_path / "run"
+    proc = start_training("--epochs", "2", "--image-size", "32", "--log-every", "1", "--save-every", "1000",
+                          "--quiet", "--tensorboard", "--out", run, env=env)
+    # 717 training images at batch 32: 22 full batches an epoch, the first epoch's checkpoint at step 22
+    code, stderr = interrupt_when(proc, lambda: saved_steps(run) == [22] and max(logged_steps(run), default=0) >= 25)
+    assert code < 0, stderr
+    assert saved_steps(run) == [22]
+    assert max(logged_steps(run)) > 22  # steps past the checkpoint were logged, and will be logged again
+    result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 45))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (r["step"], float(np.float32(r["loss"]))) for r in steps]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [(e.step, e.value) for e in events.Scalars("val/accuracy")] == [
+        (r["step"], float(np.float32(r["val_accuracy"]))) for r in epochs]
