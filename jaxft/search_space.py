@@ -17,8 +17,10 @@ is a ConfigError that names the setting.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from jaxft.config import CONFIG_FIELDS, ConfigError
@@ -104,7 +106,8 @@ def parse_param(name: str, spec: Any) -> Param:
             return _checked(Param(name, choices=tuple(_choice(name, c) for c in spec["choices"])))
         if "low" not in spec or "high" not in spec:
             raise ConfigError(f"search space {name}: a range needs both low and high, got {dict(spec)}")
-        return _checked(Param(name, _number(name, spec["low"]), _number(name, spec["high"]), bool(spec.get("log"))))
+        log = str(spec.get("log", False)).strip().lower() in ("true", "yes", "1")  # text when read from YAML
+        return _checked(Param(name, _number(name, spec["low"]), _number(name, spec["high"]), log))
     if isinstance(spec, (list, tuple)):
         return _checked(Param(name, choices=tuple(_choice(name, c) for c in spec)))
     text = str(spec).strip()
@@ -154,6 +157,26 @@ def parse_space(specs: Mapping[str, Any], source: str) -> dict[str, Param]:
         raise ConfigError(f"the search space from {source} is empty: it varies no setting. Give at least one "
                           f"range or choice, e.g. lr: 1e-5:1e-2:log (python -m jaxft.tune --help lists the form)")
     return space
+
+
+def load_space_file(path: str | Path) -> dict[str, Any]:
+    """A search-space file, YAML or JSON. YAML is read with every scalar as text: YAML 1.1 would
+    read ``epochs: 2:6`` as the base-60 number 126 and ``label_smoothing: 0:0.2`` as 0.2."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file {path} does not exist")
+    text, is_yaml = path.read_text(), path.suffix in (".yaml", ".yml")
+    try:
+        data = yaml.load(text, Loader=yaml.BaseLoader) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"search space file {path} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"search space file {path} must hold a mapping of settings to specs")
+    return data
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:

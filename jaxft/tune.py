@@ -33,8 +33,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from jaxft.config import ConfigError, TrainConfig, add_config_flags, build_config, config_to_dict, load_config_file
 from jaxft.rundir import atomic_write, prepare_run_dir, write_json
-from jaxft.search_space import (DEFAULT_SPACE, Param, parse_assignments, parse_space, parse_trial_values, sample,
-                                 to_json)
+from jaxft.search_space import (DEFAULT_SPACE, Param, load_space_file, parse_assignments, parse_space,
+                                 parse_trial_values, sample, to_json)
 from jaxft.tracking import Callback
 
 STUDY_FILE, DB_FILE, TRIALS_DIR = "study.json", "study.db", "trials"
@@ -443,7 +443,7 @@ TUNE_OPTIONS = ("resume", "n_trials", "timeout", "space", "param", "enqueue", "s
 def new_study(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Check everything, then create the study directory and its study.json."""
     base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")
-    specs = dict(DEFAULT_SPACE) if args.space is None else load_config_file(args.space)
+    specs = dict(DEFAULT_SPACE) if args.space is None else load_space_file(args.space)
     specs.update(parse_assignments(args.param))
     space = parse_space(specs, args.space or "the default space and --param")
     for item in args.enqueue:  # checked here too: a mistake must leave no study directory behind

@@ -188,3 +188,18 @@ def test_an_empty_space_file_and_foreign_storage_are_refused(tmp_path, capsys):
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "study").exists()
     assert text_file.read_text() == "not a database\n"  # nothing written over the user's files
+
+
+def test_a_yaml_space_file_reads_ranges_as_written(tmp_path):
+    """YAML 1.1 reads 2:6 as the base-60 number 126 and 0:0.2 as 0.2: the space file must not."""
+    from jaxft.search_space import load_space_file, parse_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("epochs: 2:6\nlabel_smoothing: 0:0.2\nlr: {low: 1e-5, high: 1e-2, log: true}\n"
+                    "weight_decay: {low: 0, high: 0.1, log: false}\nbatch_size: [16, 32]\noptimizer: adam\n")
+    space = parse_space(load_space_file(path), str(path))
+    assert (space["epochs"].low, space["epochs"].high) == (2, 6)
+    assert (space["label_smoothing"].low, space["label_smoothing"].high) == (0.0, 0.2)
+    assert (space["lr"].low, space["lr"].high, space["lr"].log) == (1e-5, 1e-2, True)
+    assert space["weight_decay"].log is False
+    assert space["batch_size"].choices == (16, 32) and space["optimizer"].fixed
