@@ -68,9 +68,7 @@ def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes_as_i
     # the same study never interrupted: the same trials, params, states and values, in order
     reference = cli(*(str(study_dir.parent / "reference") if a == study_dir else a for a in args), env=env)
     assert reference.returncode == 0, reference.stderr
-    dead = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
-    kept = [(state, value, params) for number, (state, value, params) in sorted(after.items()) if number not in dead]
-    assert kept == [v for _, v in sorted(snapshot(load(study_dir.parent / "reference")).items())]
+    assert kept_trials(study) == kept_trials(load(study_dir.parent / "reference"))
     for number in range(4):  # no finished trial lost or re-run
         assert after[number] == before[number]
     failed = study.trials[2]
@@ -125,6 +123,39 @@ def test_a_study_prunes_fails_a_diverged_trial_survives_sigkill_and_resumes_as_i
                                                            for t in study.trials]
     served_values = {t["number"]: t["values"][0] for t in served if t.get("values")}
     assert served_values == {t.number: t.value for t in study.trials if t.value is not None}  # pruned: last report
+
+
+def kept_trials(study) -> list[tuple]:
+    """(state, value, params) of every trial in order, leaving out the ones that were re-run."""
+    dead = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
+    return [v for number, v in sorted(snapshot(study).items()) if number not in dead]
+
+
+def test_ctrl_c_checkpoints_the_running_trial_and_resume_ends_as_if_uninterrupted(env, tmp_path):
+    study_dir = tmp_path / "study"
+    args = ("jaxft.tune", "--out", study_dir, "--n-trials", "3", "--epochs", "3", *TRIAL,
+            "--param", "lr=1e-3:3e-2:log", "--pruner", "none")
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    victim = study_dir / "trials" / "0001"
+    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(victim)) and 1 in epochs_logged(victim),
+                                  sig=signal.SIGINT)
+    assert code == 130, stderr
+    assert f"continue with python -m jaxft.tune --resume {study_dir}" in stderr
+    study = load(study_dir)
+    interrupted = study.trials[1]  # failed at once (no heartbeat wait) and queued again with its params
+    assert interrupted.state.name == "FAIL" and interrupted.user_attrs["failed"] == "interrupted"
+    [queued] = [t for t in study.trials if t.state.name == "WAITING"]
+    assert queued.system_attrs["failed_trial"] == 1 and queued.params == interrupted.params
+    assert not (victim / "summary.json").exists() and epochs_logged(victim)[-1] < 3
+
+    result = cli("jaxft.tune", "--resume", study_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records].count("resume") == 1  # continued from Ctrl-C's checkpoint
+    reference = cli(*(str(tmp_path / "reference") if a == study_dir else a for a in args), env=env)
+    assert reference.returncode == 0, reference.stderr
+    assert kept_trials(load(study_dir)) == kept_trials(load(tmp_path / "reference"))
 
 
 def test_two_workers_share_one_study_without_duplicating_trials(env, tmp_path):
