@@ -316,10 +316,10 @@ class Engine:
 
     def _configure(self, labels: dict) -> None:
         self.labels, self.multipliers = lr_groups(labels, self.model, self.lr_rules, self.layer_decay)
-        self.tx = build_optimizer(self.optim, self.labels, self.multipliers, self.total_steps)
         # the step builds its optimizer from the settings it is given (arrays), so that runs
-        # differing only in those values share one compiled program
+        # differing only in those values share one compiled program; self.tx has the config's values
         optimizer = functools.partial(build_optimizer, self.optim, self.labels, self.multipliers, self.total_steps)
+        self.tx = optimizer()
         variables = self.state.variables if self.state is not None else self.variables
         fresh = TrainState.create(variables, self.tx, self.seed)
         if self.state is not None:

@@ -65,8 +65,9 @@ def summary_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def config_markdown(cfg: TrainConfig) -> str:
-    rows = "\n".join(f"| {key} | {value} |" for key, value in config_to_dict(cfg).items())
-    return "| setting | value |\n|---|---|\n" + rows
+    from jaxft.report import markdown_table
+
+    return markdown_table(["setting", "value"], list(config_to_dict(cfg).items()))
 
 
 def run_plots(run_dir: Path) -> list[Path]:

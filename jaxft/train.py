@@ -69,12 +69,14 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 # --- run directory --------------------------------------------------------------------------------
 
-def default_run_dir(cfg: TrainConfig) -> Path:
+def default_run_dir(cfg: TrainConfig, *parts: str) -> Path:
+    """``runs/[PARTS-]ARCH-DATA``, with the strategy when no ``parts`` are given (a train run's
+    directory; jaxft.tune passes "tune"); ``-2``, ``-3``... appended: a default is never reused."""
     data = Path(cfg.data).name if os.path.exists(cfg.data) else cfg.data
-    slug = "-".join(part.replace(":", "_").replace("/", "_") for part in (cfg.arch, data, cfg.strategy.split(":")[0]))
-    base = Path("runs") / slug
+    names = (*parts, cfg.arch, data) if parts else (cfg.arch, data, cfg.strategy.split(":")[0])
+    base = Path("runs") / "-".join(part.replace(":", "_").replace("/", "_") for part in names)
     candidate, n = base, 1
-    while candidate.exists():  # never reuse a default directory
+    while candidate.exists():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate

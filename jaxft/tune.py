@@ -22,8 +22,9 @@ the study's trial budget).
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
-import os
 import sqlite3
 import sys
 import time
@@ -58,6 +59,7 @@ class TuneError(ValueError):
     """A study that cannot be created, resumed or opened; the message names the file."""
 
 
+@functools.cache  # the logging and warning settings once per process
 def _optuna():
     try:
         import optuna
@@ -133,22 +135,24 @@ def make_pruner(kind: str, startup_trials: int, warmup_epochs: int):
     return pruners.NopPruner()
 
 
-def superseded(trials: Sequence[Any]) -> set[int]:
-    """Numbers of trials that died and were queued again (their retry carries on for them)."""
-    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+def superseded(trials: Sequence[Any]) -> dict[int, int]:
+    """{number of a trial that died and was queued again: the number of its first re-run}."""
+    reruns: dict[int, int] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        for number in t.system_attrs.get("retry_history", []):
+            reruns.setdefault(number, t.number)
+    return reruns
 
 
-def counted_trials(study: Any) -> int:
+def counted_trials(trials: Sequence[Any]) -> int:
     """Trials that use the budget: every one, finished, running or queued, except those re-run."""
-    trials = study.get_trials(deepcopy=False)
     dead = superseded(trials)
     return sum(1 for t in trials if t.number not in dead)
 
 
-def more_to_run(study: Any, n_trials: int) -> bool:
+def more_to_run(trials: Sequence[Any], n_trials: int) -> bool:
     """Budget left, or a queued trial (a re-run, --enqueue) that counts in the budget but has not run."""
-    queued = any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False))
-    return queued or counted_trials(study) < n_trials
+    return any(t.state.name == "WAITING" for t in trials) or counted_trials(trials) < n_trials
 
 
 # --- one trial --------------------------------------------------------------------------------------
@@ -195,14 +199,14 @@ def has_checkpoint(run_dir: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def run_trial(study: Any, trial: Any, base: TrainConfig, space: Mapping[str, Param], study_dir: Path,
-              group: str) -> tuple[str, Optional[float], str, TrainConfig]:
-    """Train one trial; returns (state, value, note, its config). The trial is told here."""
+def run_trial(study: Any, trial: Any, original: Optional[int], base: TrainConfig, space: Mapping[str, Param],
+              study_dir: Path, group: str) -> tuple[str, Optional[float], str, TrainConfig]:
+    """Train one trial; returns (state, value, note, its config). The trial is told here.
+    ``original``: the trial it re-runs (it continues that trial's run directory), if any."""
     optuna = _optuna()
     from jaxft.train import StopRequested, train, user_errors
 
     values = sample(space, trial, base.strategy)
-    original = frozen(study, trial.number).system_attrs.get("failed_trial")
     run_dir = study_dir / TRIALS_DIR / f"{original if original is not None else trial.number:04d}"
     group = (base.wandb_group or group) if base.wandb else None  # each trial a W&B run in the study's group
     trial.set_user_attr("run_dir", str(run_dir.relative_to(study_dir)))
@@ -260,15 +264,13 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def trial_rows(study: Any, names: Sequence[str]) -> list[list[Any]]:
-    trials = study.get_trials(deepcopy=False)
-    dead = superseded(trials)
+def trial_rows(trials: Sequence[Any], names: Sequence[str]) -> list[list[Any]]:
+    reruns = superseded(trials)
     rows = []
     for t in trials:
         note = t.user_attrs.get("failed", "")
-        if t.number in dead:
-            reruns = [u.number for u in trials if t.number in u.system_attrs.get("retry_history", [])]
-            note = f"re-run as trial {min(reruns)}"
+        if t.number in reruns:
+            note = f"re-run as trial {reruns[t.number]}"
         elif t.state.name == "PRUNED":
             note = f"pruned after epoch {t.last_step}"
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
@@ -278,15 +280,17 @@ def trial_rows(study: Any, names: Sequence[str]) -> list[list[Any]]:
     return rows
 
 
-def write_results(study: Any, study_dir: Path, space: Mapping[str, Param], plots: bool) -> list[Path]:
-    """trials.md, trials.csv and best.yaml (when a trial completed); the plots when ``plots``."""
+def write_results(study: Any, trials: Sequence[Any], study_dir: Path, space: Mapping[str, Param],
+                  plots: bool) -> list[Path]:
+    """trials.md, trials.csv and best.yaml (when a trial completed) from ``trials`` (the study's,
+    as just read); the plots when ``plots``."""
     import csv
 
     from jaxft.report import markdown_table
 
     names = [n for n in space if not space[n].fixed]
     headers = ["trial", "state", "val accuracy", *names, "epochs", "seconds", "note"]
-    rows = trial_rows(study, names)
+    rows = trial_rows(trials, names)
     written = [atomic_write(study_dir / "trials.md", lambda tmp: tmp.write_text(
         markdown_table(headers, [[_fmt(c) for c in row] for row in rows]) + "\n"))]
 
@@ -295,22 +299,21 @@ def write_results(study: Any, study_dir: Path, space: Mapping[str, Param], plots
             csv.writer(f).writerows([headers, *rows])
 
     written.append(atomic_write(study_dir / "trials.csv", write_csv))
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if complete:
-        written.append(write_best_config(study, study_dir))
+    best = best_trial(trials)
+    if best is not None:
+        written.append(write_best_config(best, study.study_name, study_dir))
     if plots:
         written += write_plots(study, study_dir, names)
     return written
 
 
-def write_best_config(study: Any, study_dir: Path) -> Path:
+def write_best_config(best: Any, study_name: str, study_dir: Path) -> Path:
     import yaml
 
-    best = study.best_trial
     run_dir = study_dir / best.user_attrs["run_dir"]
     config = json.loads((run_dir / "config.json").read_text())
     config.pop("out")  # training it again makes a new run directory
-    header = (f"# best trial of study {study.study_name}: trial {best.number}, val accuracy {best.value:.4f}\n"
+    header = (f"# best trial of study {study_name}: trial {best.number}, val accuracy {best.value:.4f}\n"
               f"# its run: {run_dir}\n# train it again: python -m jaxft.train --config {study_dir / 'best.yaml'}\n")
     return atomic_write(study_dir / "best.yaml",
                         lambda tmp: tmp.write_text(header + yaml.safe_dump(config, sort_keys=False)))
@@ -344,19 +347,17 @@ def write_plots(study: Any, study_dir: Path, names: Sequence[str]) -> list[Path]
 # --- the study --------------------------------------------------------------------------------------
 
 def trial_line(number: int, values: Mapping[str, Any], state: str, value: Optional[float], note: str,
-               seconds: float, best: Optional[tuple[int, float]]) -> str:
+               seconds: float, best: Any) -> str:
     params = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
     result = f"{value:.4f}" if value is not None else state
-    best_text = f"best {best[1]:.4f} (trial {best[0]})" if best else "no trial completed yet"
+    best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no trial completed yet"
     return f"trial {number} [{params}]: {result} ({note}; {seconds:.0f} s) | {best_text}"
 
 
-def best_so_far(study: Any) -> Optional[tuple[int, float]]:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not complete:
-        return None
-    best = max(complete, key=lambda t: (t.value, -t.number))
-    return best.number, best.value
+def best_trial(trials: Sequence[Any]) -> Any:
+    """The completed trial with the highest value, the first on a tie (as Optuna's best_trial)."""
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 
 def work(study: Any, settings: Mapping[str, Any], base: TrainConfig, space: Mapping[str, Param],
@@ -369,36 +370,30 @@ def work(study: Any, settings: Mapping[str, Any], base: TrainConfig, space: Mapp
     while timeout is None or time.monotonic() - started < timeout:
         with lock:  # counting and asking as one step: two workers never both take the last trial
             _optuna().storages.fail_stale_trials(study)
-            if not more_to_run(study, settings["n_trials"]):
+            trials = study.get_trials(deepcopy=False)  # every trial before the one asked for next
+            if not more_to_run(trials, settings["n_trials"]):
                 break
             trial = study.ask()
-            trials = study.get_trials(deepcopy=False)
-            dead = superseded(trials)
-            index = sum(1 for t in trials if t.number < trial.number and t.number not in dead)
+        dead = superseded(trials)
+        index = sum(1 for t in trials if t.number < trial.number and t.number not in dead)
+        # a queued re-run (in ``trials`` as WAITING) names the trial it continues
+        original = next((t.system_attrs.get("failed_trial") for t in trials if t.number == trial.number), None)
         study.sampler = make_sampler(settings["sampler"], base.seed, index)
         beat = heartbeat(study, trial)
         beat.start()
         clock = time.monotonic()
         try:
-            state, value, note, cfg = run_trial(study, trial, base, space, study_dir, settings["study_name"])
+            state, value, note, cfg = run_trial(study, trial, original, base, space, study_dir,
+                                                settings["study_name"])
         finally:
             beat.join()
         ran += 1
         shown = {k: getattr(cfg, k) for k in space if k != "partial_fraction" and not space[k].fixed}
-        print(trial_line(trial.number, shown, state, value, note, time.monotonic() - clock, best_so_far(study)),
+        trials = study.get_trials(deepcopy=False)
+        print(trial_line(trial.number, shown, state, value, note, time.monotonic() - clock, best_trial(trials)),
               flush=True)
-        write_results(study, study_dir, space, plots=False)
+        write_results(study, trials, study_dir, space, plots=False)
     return ran
-
-
-def default_study_dir(cfg: TrainConfig) -> Path:
-    data = Path(cfg.data).name if os.path.exists(cfg.data) else cfg.data
-    base = Path("runs") / f"tune-{cfg.arch}-{data.replace(':', '_').replace('/', '_')}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,13 +437,15 @@ TUNE_OPTIONS = ("resume", "n_trials", "timeout", "space", "param", "enqueue", "s
 
 def new_study(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Check everything, then create the study directory and its study.json."""
+    from jaxft.train import default_run_dir
+
     base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")
     specs = dict(DEFAULT_SPACE) if args.space is None else load_space_file(args.space)
     specs.update(parse_assignments(args.param))
     space = parse_space(specs, args.space or "the default space and --param")
     for item in args.enqueue:  # checked here too: a mistake must leave no study directory behind
         parse_trial_values(item, space)
-    study_dir = Path(base.out) if base.out else default_study_dir(base)
+    study_dir = Path(base.out) if base.out else default_run_dir(base, "tune")
     if (study_dir / STUDY_FILE).exists():
         raise TuneError(f"{study_dir} holds a study already: continue it (or add a worker) with "
                         f"python -m jaxft.tune --resume {study_dir}, or choose another --out")
@@ -509,7 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         pruner=pruner)
         for values in enqueued:
             study.enqueue_trial(values)
-        done = counted_trials(study)
+        done = counted_trials(study.get_trials(deepcopy=False))
         print(f"study {settings['study_name']} in {study_dir}: {done} of {settings['n_trials']} trials run or queued, "
               f"{settings['sampler']} sampler (seed {base.seed}), {settings['pruner']} pruner")
         print("  space: " + ", ".join(f"{name} {p.describe()}" for name, p in space.items()))
@@ -522,13 +519,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (*user_errors(), TuneError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    files = write_results(study, study_dir, space, plots=True)
-    best = best_so_far(study)
-    counts = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    trials = study.get_trials(deepcopy=False)
+    files = write_results(study, trials, study_dir, space, plots=True)
+    best = best_trial(trials)
+    counts = collections.Counter(t.state.name.lower() for t in trials)
     print(f"done: {', '.join(f'{n} {state}' for state, n in sorted(counts.items()))}"
-          + (f"; best val accuracy {best[1]:.4f} (trial {best[0]})" if best else "; no trial completed"))
+          + (f"; best val accuracy {best.value:.4f} (trial {best.number})" if best else "; no trial completed"))
     print(f"wrote {', '.join(str(p.relative_to(study_dir)) for p in files)} in {study_dir}")
     if best:
         print(f"train the best again: python -m jaxft.train --config {study_dir / 'best.yaml'}")

@@ -4,17 +4,17 @@
     python tools/profile_step.py [--arch resnet18] [--strategy full] [--image-size 224] [--batch-size 16]
                                  [--bn-policy torch] [--steps 3]
 
-Runs the Engine's train step under ``jax.profiler.trace`` (on the default backend: the XLA operations of
-the CPU's threads, or the kernels on a GPU's streams), reads the trace back with
+Runs the Engine's train step under ``jax.profiler.trace`` (on the default backend: the XLA
+operations of the CPU's threads, or the kernels on a GPU's streams), reads the trace back with
 ``jax.profiler.ProfileData`` and sums the duration of every XLA operation (thunk) by kind:
-convolution, dot, YNN fusions (convolutions or reductions: the trace does not say which),
-XLA's own reductions, other fusions (elementwise), copies and the rest. Prints a table and the ten most expensive operations. The numbers in
-docs/benchmarks.md ("Where the time goes at 224 px") come from this script.
+convolution, dot, YNN fusions (convolutions or reductions: the trace does not say which), XLA's
+own reductions, other fusions (elementwise), copies and the rest. Prints a table and the ten most
+expensive operations. The numbers in docs/benchmarks.md ("Where the time goes at 224 px") come
+from this script.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import re
@@ -28,6 +28,7 @@ from jaxft.engine import Engine
 from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
 from jaxft.pretrained import init_variables
+from step_args import step_parser  # tools/step_args.py, beside this script
 
 KINDS = [  # (kind, pattern over the operation's name), first match wins
     ("convolution", r"convolution|conv"),
@@ -50,11 +51,7 @@ def kind_of(name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--strategy", default="full")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = step_parser(__doc__)
     parser.add_argument("--bn-policy", default="torch")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()

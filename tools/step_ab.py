@@ -18,7 +18,6 @@ matmul route for the kernel gradient: XLA's convolution everywhere, as before th
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -35,6 +34,7 @@ from jaxft.models import layers
 from jaxft.optim import OptimConfig
 from jaxft.parity import freeze_like
 from jaxft.pretrained import init_variables
+from step_args import step_parser  # tools/step_args.py, beside this script
 
 # BatchNorm modules to A/B (bn=NAME): add a candidate class here
 BN_VARIANTS = {"current": layers.BatchNorm}
@@ -59,11 +59,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--strategy", default="full")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = step_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["default"])
     parser.add_argument("--no-torch", action="store_true")

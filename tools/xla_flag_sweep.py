@@ -13,11 +13,12 @@ docs/benchmarks.md ("Making the train step faster") came from this script.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+
+from step_args import step_parser  # tools/step_args.py, beside this script
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT_SETS = ["", f"{YNN}=reduce", f"{YNN}=reduce,individual_convolution", f"{YNN}=reduce,eltwise",
@@ -66,11 +67,7 @@ print(json.dumps({"jaxft": statistics.median(ours), "torch": statistics.median(t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--strategy", default="full")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = step_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flags", default=";".join(set_ or "none" for set_ in DEFAULT_SETS),
                         help="flag sets separated by ';', each an XLA_FLAGS string ('none': no flags); "
