@@ -110,7 +110,7 @@ def bench_loaders(root: Path, workers: int, batch_size: int, epochs: int, repeat
 def bench_head(epochs: int, batch_size: int, image_size: int, repeats: int) -> list[list]:
     import jax
 
-    from jaxft.data.features import default_feature_dir, extract_features
+    from jaxft.features import default_feature_dir, extract_features
     from jaxft.engine import Engine
     from jaxft.freeze import parse_strategy
     from jaxft.models import create_model

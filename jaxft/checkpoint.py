@@ -34,6 +34,19 @@ def format_for(path: Path, requested: str | None = None) -> str:
     return "orbax"
 
 
+def _this_process_checkpointer():
+    """An orbax checkpointer that involves this process alone. ``best/`` and exported variables
+    are written by one process of a multi-host job (the writer) and read by each on its own;
+    orbax's default would wait at a barrier for every process."""
+    import orbax.checkpoint as ocp
+
+    process = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
+                                               barrier_sync_key_prefix=f"process{process}")
+    handler = ocp.CompositeCheckpointHandler(composite_options=ocp.CompositeOptions(multiprocessing_options=alone))
+    return ocp.Checkpointer(handler, multiprocessing_options=alone)
+
+
 def _to_numpy(variables: Mapping[str, Any]) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
 
@@ -54,7 +67,7 @@ def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping
     elif fmt == "orbax":
         import orbax.checkpoint as ocp
 
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        with _this_process_checkpointer() as ckptr:
             ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
                                                 meta=ocp.args.JsonSave(header)))
     else:
@@ -101,7 +114,7 @@ def load_variables(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
         if not (path / "variables").is_dir() or not (path / "meta").exists():
             raise CheckpointError(f"{path} is not a jaxft orbax checkpoint (expected 'variables' and 'meta' inside)")
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        with _this_process_checkpointer() as ckptr:
             restored = ckptr.restore(path, ocp.args.Composite(variables=ocp.args.StandardRestore(),
                                                               meta=ocp.args.JsonRestore()))
         return dict(restored["variables"]), _check_header(restored["meta"], path)
@@ -116,7 +129,8 @@ class RunCheckpoints:
     item (epoch, position in the epoch, running metrics, data iterator state).
 
     Keeps the latest ``keep`` checkpoints and, beside them, the best one by validation
-    accuracy. Saves are synchronous and atomic (orbax writes a temporary directory and
+    accuracy. In a multi-host job every process opens, saves, restores and closes it together,
+    as orbax requires; process 0 writes the replicated state and the progress. Saves are synchronous and atomic (orbax writes a temporary directory and
     renames it), so a process killed mid-save leaves the previous checkpoints readable;
     leftover temporary directories are removed when the manager opens.
     """

@@ -4,7 +4,9 @@ The train step differentiates only the trainable leaves (frozen ones enter the l
 constants, so XLA does no backward work for a frozen prefix), applies the optax
 transformation from ``jaxft.optim``, and leaves frozen leaves untouched bit for bit.
 Batches are split over a 1-D ``'data'`` mesh of every device (sharded ``jax.jit``);
-BatchNorm statistics are then global-batch statistics, so 1 and N devices agree.
+BatchNorm statistics are then global-batch statistics, so 1 and N devices agree. In a
+multi-host job the mesh holds the devices of every process, each process passes its own
+block of every batch (``jaxft.distributed.batch_share``), and the state is replicated on all.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ def make_eval_step(model: nn.Module, normalization: Normalization = None) -> Cal
             "correct": jnp.sum((predictions == batch["label"]) * mask),
             "count": jnp.sum(mask),
             "predictions": predictions,
+            "labels": batch["label"],  # of the whole batch: in a multi-host job each process loaded only its rows
         }
 
     return step
@@ -216,23 +219,18 @@ def make_eval_step(model: nn.Module, normalization: Normalization = None) -> Cal
 # --- data parallelism ----------------------------------------------------------------------------
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh named ``'data'`` over every device (all processes' devices when multi-host)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+    """A 1-D mesh named ``'data'`` over every device (all processes' devices when multi-host),
+    grouped by process: each process's devices hold consecutive rows of a batch."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), ("data",))
 
 
-def init_distributed() -> bool:
-    """Multi-host start: call before anything touches devices on each host.
-
-    ``jax.distributed.initialize()`` reads the coordinator from the cluster environment
-    (SLURM, Open MPI, TPU pods, or ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
-    ``JAX_PROCESS_ID``). Returns False on a single host, where nothing needs doing."""
-    import os
-
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-    if not any(os.environ.get(m) for m in markers):
-        return False
-    jax.distributed.initialize()
-    return True
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` as arrays replicated on every device of ``mesh``. The values go through host
+    memory: each process places its own copy (a multi-host job cannot place another
+    process's device array), and the train step, which donates its state, never consumes the
+    caller's arrays."""
+    return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
@@ -252,7 +250,8 @@ def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str,
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Place a (padded) host batch on the mesh, split along the batch axis. Multi-host: each
-    process passes its own slice of the global batch."""
+    process passes its own block of the global batch (the loader's ``BatchShare``), the same
+    size on every process."""
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() > 1:
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
@@ -326,9 +325,7 @@ class Engine:
             fresh = fresh.replace(step=self.state.step, rng=self.state.rng,
                                   opt_state=transfer_state(self.state.opt_state, fresh.opt_state))
         replicated = NamedSharding(self.mesh, P())
-        # may_alias=False: the train step donates its state, and must never consume the
-        # caller's own variables arrays.
-        self.state = jax.device_put(fresh, replicated, may_alias=False)
+        self.state = replicate(fresh, self.mesh)
         policy_model = model_for_policy(self.model, self.labels, self.bn_policy)
         batch_sharding = NamedSharding(self.mesh, P("data"))
         self._train = jax.jit(make_train_step(policy_model, self.labels, optimizer, self.normalization),
@@ -340,7 +337,7 @@ class Engine:
         settings = {**runtime_values(self.optim), "label_smoothing": self.label_smoothing}
         with np.errstate(over="ignore"):  # float32 as the step computes: a rate of 1e39 is inf there too
             settings = {k: np.float32(v) for k, v in settings.items()}
-        self.settings = jax.device_put(settings, replicated)
+        self.settings = replicate(settings, self.mesh)
 
     def set_epoch(self, epoch: int) -> bool:
         """Tell the engine which epoch starts; returns True when gradual unfreezing moved on."""
@@ -357,6 +354,8 @@ class Engine:
         return traverse_util.unflatten_dict({k: FROZEN if v == FROZEN else v.split("*")[0] for k, v in flat.items()})
 
     def _place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        if jax.process_count() > 1:  # this process's block, padded by the loader as every process pads
+            return shard_batch(batch, self.mesh)
         padded, pad = pad_batch(batch, self.devices)
         if pad and not self._padding_reported and self.on_padding:
             self.on_padding(f"a batch of {len(batch['label'])} does not divide over {self.devices} devices: padded "
@@ -390,7 +389,7 @@ class Engine:
 
     def _no_halt(self) -> jax.Array:
         """A cleared ``halted`` flag on the mesh: no step refused yet."""
-        return jax.device_put(np.asarray(False), NamedSharding(self.mesh, P()))
+        return replicate(np.asarray(False), self.mesh)
 
     def step_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
         """What ``dispatch_step`` passes the jitted train step for ``batch``: to lower it for
@@ -407,9 +406,11 @@ class Engine:
         return self.collect([self.dispatch_step(batch)])[0]
 
     def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        n = len(batch["label"])
+        """Sums over the batch's real samples, and their labels and predictions (every
+        process gets those of the whole global batch: its padding, masked, comes last)."""
         metrics = jax.device_get(self._eval(self.state, self._place(batch), self.settings["label_smoothing"]))
-        metrics["predictions"] = metrics["predictions"][:n]
+        n = int(metrics["count"])
+        metrics["predictions"], metrics["labels"] = metrics["predictions"][:n], metrics["labels"][:n]
         return metrics
 
     def optimizer_state_bytes(self) -> int:

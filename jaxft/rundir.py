@@ -91,6 +91,47 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
+class RunWriter:
+    """Every write into a run directory goes through here. In a multi-host job process 0 alone
+    writes (``active``); on the other processes each method returns without writing, so that
+    the same training code runs on every process."""
+
+    def __init__(self, run_dir: Path, active: bool = True):
+        self.run_dir, self.active = Path(run_dir), active
+
+    def json(self, name: str, data: Mapping[str, Any]) -> None:
+        if self.active:
+            write_json(self.run_dir / name, data)
+
+    def file(self, name: str, write: Callable[[Path], Any]) -> None:
+        """``write(path)`` for ``run_dir/name`` (a plot): it writes atomically itself."""
+        if self.active:
+            write(self.run_dir / name)
+
+    def open_metrics(self) -> Any:
+        """``metrics.jsonl`` opened for appending (``report.MetricsLog``); a log that keeps nothing elsewhere."""
+        from jaxft.report import MetricsLog
+
+        return MetricsLog(self.run_dir / "metrics.jsonl") if self.active else _NoLog()
+
+    def truncate_metrics(self, last_step: int) -> None:
+        if self.active:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", last_step)
+
+    def best(self, write: Callable[[Path], Any]) -> None:
+        """A new copy of the best model (:func:`replace_best`)."""
+        if self.active:
+            replace_best(self.run_dir, write)
+
+
+class _NoLog:
+    def write(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # --- the best model ---------------------------------------------------------------------------------
 
 def _best_versions(run_dir: Path) -> list[Path]:

@@ -19,6 +19,7 @@ math from ``jaxft.engine``, checkpoints from ``jaxft.checkpoint``, files for peo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import numpy as np
 from jaxft.config import (ConfigError, TrainConfig, add_config_flags, build_config, config_for_resume, config_to_dict,
                           flag_name, load_config_file)
 from jaxft.pretrained import NO_WEIGHTS
-from jaxft.rundir import RunError, check_resumable, prepare_run_dir, read_run_config, write_json
+from jaxft.rundir import RunError, RunWriter, check_resumable, prepare_run_dir, read_run_config, write_json
 from jaxft.tracking import Callback, trackers_for
 
 EXAMPLES = """\
@@ -176,7 +177,7 @@ def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
     for batch in loader:
         metrics = engine.eval_step(batch)
         stats.add(metrics)
-        labels.append(np.asarray(batch["label"]))
+        labels.append(metrics["labels"])  # the whole batch's: in a multi-host job this process loaded a part
         predictions.append(metrics["predictions"])
     return stats, np.concatenate(labels), np.concatenate(predictions)
 
@@ -248,11 +249,12 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from jaxft.data.features import extract_features, feature_cache_decision
     from jaxft.data.pipeline import eval_loader, train_loader
     from jaxft.data.sources import open_dataset
     from jaxft.data.transforms import transforms_for, unnormalized
-    from jaxft.engine import Engine
+    from jaxft.distributed import batch_share
+    from jaxft.engine import Engine, data_mesh
+    from jaxft.features import extract_features, feature_cache_decision
     from jaxft.freeze import describe, lr_groups, parse_strategy, path_str
     from jaxft.models.head import head_for
     from jaxft.optim import OptimConfig, learning_rate_schedule
@@ -287,13 +289,19 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     # every step; the head it trains is the same.
     use_features, reason = feature_cache_decision(model, strategy, augment=cfg.augmentation(),
                                                   bn_policy=cfg.bn_frozen)
+    # every device of every process; each process loads its own rows of every batch
+    mesh = data_mesh()
+    share = batch_share(mesh)
+    if cfg.batch_size % share.multiple:
+        log(f"a batch of {cfg.batch_size} does not divide over {share.multiple} devices: padded with "
+            f"{-cfg.batch_size % share.multiple} masked samples (they change no loss, metric or BatchNorm statistic)")
     if strategy.name == "head":
         log(f"feature cache {'on' if use_features else 'off'}: {reason}")
     if use_features:
         named = {name: split for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
                  if split is not None}
         features = {name: extract_features(model, variables, split, eval_t, batch_size=max(cfg.batch_size, 64),
-                                           num_workers=cfg.workers) for name, split in named.items()}
+                                           num_workers=cfg.workers, mesh=mesh) for name, split in named.items()}
         log("features: " + ", ".join(f"{name} {'from cache' if f.from_cache else 'computed'}"
                                      for name, f in features.items()))
         data = {"test": None, **{name: f.as_split(name) for name, f in features.items()}}
@@ -316,18 +324,18 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
 
     workers = 0 if use_features else cfg.workers
     loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
-                          num_workers=workers)
+                          num_workers=workers, share=share)
     eval_batch = max(cfg.batch_size, 64)
     # Evaluation loads with threads in this process, not worker processes: a pass starts a new
     # iterator, and spawning workers for it (they import jaxft afresh) took ~2 s, every epoch.
-    val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_threads=max(workers, 1))
-    test_loader = (eval_loader(data["test"], loader_eval_t, eval_batch, num_threads=max(workers, 1))
+    val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_threads=max(workers, 1), share=share)
+    test_loader = (eval_loader(data["test"], loader_eval_t, eval_batch, num_threads=max(workers, 1), share=share)
                    if data["test"] is not None else None)
     optim = OptimConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
                         int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
     engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=len(loader),
                     bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=lr_rules,
-                    layer_decay=cfg.layer_decay, seed=cfg.seed, on_padding=log, normalization=normalization)
+                    layer_decay=cfg.layer_decay, seed=cfg.seed, mesh=mesh, normalization=normalization)
     return RunParts(strategy, splits, model, variables, info, full_labels, eval_t, engine, loader, val_loader,
                     test_loader, learning_rate_schedule(optim, len(loader)), use_features, reason)
 
@@ -349,27 +357,31 @@ def resume_progress(parts: RunParts, cfg: TrainConfig, run_dir: Path, ckpts: Any
     return progress
 
 
-def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None],
-        quiet: bool, changes: Optional[dict[str, tuple[Any, Any]]] = None,
+def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: Callable[[str], None],
+        quiet: bool, model_meta: dict[str, Any], changes: Optional[dict[str, tuple[Any, Any]]] = None,
         callbacks: Sequence[Callback] = ()) -> Progress:
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
-    model in best/. Resumes from the latest checkpoint when ``resume``, with ``changes``
-    ({setting: (old, new)}) to the run's configuration recorded at the step they take effect.
-    Every record of metrics.jsonl also goes to ``callbacks`` (trackers, the tuner's pruner)."""
+    model in best/ (with ``model_meta``, model.json, as its header). Resumes from the latest
+    checkpoint when ``resume``, with ``changes`` ({setting: (old, new)}) to the run's
+    configuration recorded at the step they take effect. Every record of metrics.jsonl also
+    goes to ``callbacks`` (trackers, the tuner's pruner).
+
+    In a multi-host job every process runs this loop over the same steps (each loading its
+    rows of every batch), and ``files`` writes on process 0 only."""
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
+    from jaxft.distributed import any_process, is_multihost
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
-    from jaxft.report import MetricsLog
-    from jaxft.rundir import replace_best, truncate_jsonl
 
-    engine, steps_per_epoch = parts.engine, parts.loader.steps_per_epoch
+    engine, steps_per_epoch, run_dir = parts.engine, parts.loader.steps_per_epoch, files.run_dir
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
     iterator = iter(parts.loader)
-    metrics_log: Optional[MetricsLog] = None
+    metrics_log: Any = None
     wall_mark = time.perf_counter()
+    multihost = is_multihost()
 
     def save(val_accuracy: Optional[float] = None, iterator_state: Any = None) -> None:
         nonlocal wall_mark
@@ -389,23 +401,28 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
         progress.history.append(record)
         write({"event": "epoch", "step": progress.global_step, **record})
 
+    def stop_requested(interrupt: InterruptFlag, due: bool = True) -> bool:
+        """Whether to stop after this step. A Ctrl-C on any process of a multi-host job stops
+        every process at the same step: they agree at the steps they collect (``due``) anyway,
+        which adds no host sync per step."""
+        return (due and any_process(interrupt.requested)) if multihost else interrupt.requested
+
     try:
         if resume:
             progress = resume_progress(parts, cfg, run_dir, ckpts)
             iterator.set_state(progress.iterator)
-            truncate_jsonl(run_dir / "metrics.jsonl", progress.global_step)
+            files.truncate_metrics(progress.global_step)
             if changes:
-                write_json(run_dir / "config.json", config_to_dict(cfg))  # a later resume continues with them
+                files.json("config.json", config_to_dict(cfg))  # a later resume continues with them
             log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
                 f"step {progress.step_in_epoch}/{steps_per_epoch})"
                 + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
-        metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+        metrics_log = files.open_metrics()
         for callback in callbacks:
             callback.on_start(cfg, run_dir, progress.global_step, progress.history)
         if resume:
             write({"event": "resume", "step": progress.global_step, "epoch": progress.epoch + 1,
                    "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
-        model_meta = json.loads((run_dir / "model.json").read_text())  # the header of every best/
         wall_mark = time.perf_counter()  # the wall time counts training, not setting up or restoring
         if not resume:
             stats, _, _ = evaluate(engine, parts.val_loader)
@@ -476,9 +493,11 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                     progress.step_in_epoch += 1
                     epoch_end = progress.step_in_epoch == steps_per_epoch
                     save_due = progress.global_step % cfg.save_every == 0 and not epoch_end
-                    if progress.global_step % cfg.log_every == 0 or epoch_end or save_due or interrupt.requested:
+                    due = progress.global_step % cfg.log_every == 0 or epoch_end or save_due
+                    stop = stop_requested(interrupt, due)
+                    if due or stop:
                         collect()
-                    if interrupt.requested and not epoch_end:
+                    if stop and not epoch_end:
                         raise StopRequested  # (at an epoch's last step: after its evaluation and save)
                     if save_due:
                         save()
@@ -487,7 +506,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                 stats, _, _ = evaluate(engine, parts.val_loader)
                 improved = stats.accuracy > progress.best()[1]
                 if improved:
-                    replace_best(run_dir, lambda directory: save_variables(
+                    files.best(lambda directory: save_variables(
                         directory, parts.full_variables(engine.state.variables), model_meta))
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
@@ -496,7 +515,7 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
                     f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
                 progress.epoch, progress.step_in_epoch, progress.train_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
                 save(stats.accuracy)
-                if interrupt.requested and epoch + 1 < cfg.epochs:
+                if stop_requested(interrupt) and epoch + 1 < cfg.epochs:
                     raise StopRequested
     except StopRequested:
         save()  # after a whole step: the iterator is at the next batch
@@ -508,17 +527,22 @@ def fit(parts: RunParts, cfg: TrainConfig, run_dir: Path, resume: bool, log: Cal
     return progress
 
 
-def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
-    """Evaluate the best model on val and test; write summary.json and the plots."""
+def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: Progress) -> dict[str, Any]:
+    """Evaluate the best model on val and test; write summary.json and the plots. Every process of
+    a multi-host job evaluates (each loads its rows of the batches) and reads best/ (the run
+    directory is on storage they share); process 0 writes."""
+    import jax
+
     from jaxft.checkpoint import load_variables
+    from jaxft.engine import replicate
     from jaxft.freeze import FROZEN, summarize
     from jaxft.report import confusion_matrix, per_class_accuracy, plot_confusion, plot_curves
     from jaxft.rundir import read_jsonl
 
-    engine, classes, spec = parts.engine, parts.splits.classes, parts.strategy.spec
+    engine, classes, spec, run_dir = parts.engine, parts.splits.classes, parts.strategy.spec, files.run_dir
     best_epoch = progress.best()[0]
     best, _ = load_variables(run_dir / "best")
-    best = parts.engine_part(best)
+    best = replicate(parts.engine_part(best), engine.mesh)
     engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
     last = progress.history[-1]
     summary: dict[str, Any] = {
@@ -536,8 +560,8 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
         summary[name] = {"loss": stats.loss, "accuracy": stats.accuracy, "samples": int(stats.count),
                          "per_class_accuracy": per_class_accuracy(matrix, classes),
                          "confusion_matrix": matrix.tolist()}
-        plot_confusion(matrix, classes, run_dir / "plots" / f"confusion_{name}.png",
-                       f"{cfg.arch} {spec}: {name} (best epoch {best_epoch})")
+        files.file(f"plots/confusion_{name}.png", functools.partial(
+            plot_confusion, matrix, classes, title=f"{cfg.arch} {spec}: {name} (best epoch {best_epoch})"))
     # what trained by the end: gradual's last stage, every other strategy's only one
     final_labels = parts.strategy.labels(parts.model, parts.variables["params"], epoch=cfg.epochs - 1)
     rows = summarize(final_labels, parts.variables["params"])
@@ -550,12 +574,13 @@ def final_report(parts: RunParts, cfg: TrainConfig, run_dir: Path, progress: Pro
         "train_seconds": round(progress.train_seconds, 2),
         "images_per_sec": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
         "devices": engine.devices,
+        "processes": jax.process_count(),
         "feature_cache": ({"used": parts.use_features, "reason": parts.feature_reason}
                           if parts.strategy.name == "head" else None),
     })
-    write_json(run_dir / "summary.json", summary)
-    plot_curves([r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "epoch"],
-                run_dir / "plots" / "curves.png")
+    files.json("summary.json", summary)
+    files.file("plots/curves.png", lambda path: plot_curves(
+        [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "epoch"], path))
     return summary
 
 
@@ -563,18 +588,25 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
           quiet: bool = False, changes: Optional[dict[str, tuple[Any, Any]]] = None,
           callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (fresh, or resumed with ``changes`` to its config); returns
-    the summary. ``callbacks`` get every record, after the trackers ``cfg`` asks for."""
+    the summary. ``callbacks`` get every record, after the trackers ``cfg`` asks for. In a
+    multi-host job every process calls this; process 0 alone writes, tracks and calls back."""
+    from jaxft.distributed import is_writer
+
+    files = RunWriter(run_dir, active=is_writer())
     parts = build_run(cfg, run_dir, resume, log)
-    if not resume:
+    if resume:
+        model_meta = json.loads((run_dir / "model.json").read_text())
+    else:
         eval_t = parts.eval_transform
-        write_json(run_dir / "model.json", {
+        model_meta = {
             "arch": cfg.arch, "num_classes": len(parts.splits.classes), "classes": list(parts.splits.classes),
             "image_size": eval_t.crop_size, "resize_size": eval_t.resize_size, "dtype": cfg.dtype,
-            "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": parts.info.meta.source})
-    trackers = [*trackers_for(cfg), *callbacks]
+            "mean": list(eval_t.mean), "std": list(eval_t.std), "weights": parts.info.meta.source}
+        files.json("model.json", model_meta)
+    trackers = [*trackers_for(cfg), *callbacks] if files.active else []
     try:
-        progress = fit(parts, cfg, run_dir, resume, log, quiet, changes, trackers)
-        summary = final_report(parts, cfg, run_dir, progress)
+        progress = fit(parts, cfg, files, resume, log, quiet, model_meta, changes, trackers)
+        summary = final_report(parts, cfg, files, progress)
         for tracker in trackers:
             tracker.on_end(summary, run_dir)
     finally:
@@ -595,17 +627,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                        help="join a multi-host job. By default jaxft joins one when the environment names more "
+                             "than one process (srun, mpirun, JAX_NUM_PROCESSES; see docs/distributed.md); "
+                             "--distributed also lets JAX detect a cluster it alone knows (a Cloud TPU pod), "
+                             "--no-distributed runs on this host only")
     add_config_flags(parser)
     return parser
+
+
+COMMAND_OPTIONS = ("config", "resume", "overwrite", "quiet", "distributed")  # flags that are not TrainConfig's
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxft.engine import init_distributed
+    from jaxft.distributed import DistributedError, exit_now, join_cluster
 
-    init_distributed()  # multi-host: joins the cluster when its environment is present
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "quiet")}
+    try:
+        multihost = join_cluster(args.distributed)
+    except DistributedError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if not multihost:
+        return run_command(parser, args)
+    # A process of a multi-host job that stops alone leaves at once: waiting at JAX's exit
+    # barrier would keep the others waiting in a collective for it. Those learn of it at their
+    # next collective and stop too (run_command: "lost contact").
+    try:
+        code = run_command(parser, args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code:
+        exit_now(code)
+    return code
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The command on this process; its exit status. In a multi-host job process 0 creates the
+    run directory and prints the progress, and every process reports its own errors."""
+    import jax
+
+    from jaxft.distributed import from_writer, is_writer, lost_peer
+
+    writer = is_writer()
+    log: Callable[[str], None] = print if writer else (lambda *_: None)
+    who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+    flags = {k: v for k, v in vars(args).items() if k not in COMMAND_OPTIONS}
     created: Optional[Path] = None
     run_dir: Optional[Path] = None
     changes: dict[str, tuple[Any, Any]] = {}
@@ -618,29 +689,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg, changes = config_for_resume(saved, file_values, flags, str(run_dir / "config.json"))
         else:
             cfg = build_config(file_values, flags, args.config or "flags")
-            run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg), args.overwrite)
-            created, cfg.out = run_dir, str(run_dir)
-            write_json(run_dir / "config.json", config_to_dict(cfg))
-            write_json(run_dir / "environment.json", environment())
-        print(f"run directory: {run_dir}")
-        summary = train(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet, changes=changes)
+            if writer:
+                run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg), args.overwrite)
+                created, cfg.out = run_dir, str(run_dir)
+                write_json(run_dir / "config.json", config_to_dict(cfg))
+                write_json(run_dir / "environment.json", environment())
+            # the other processes train into the directory process 0 made, under the name it chose
+            run_dir = Path(from_writer(str(run_dir)))
+            cfg.out = str(run_dir)
+        log(f"run directory: {run_dir}")
+        summary = train(cfg, run_dir, resume=bool(args.resume), log=log, quiet=args.quiet or not writer,
+                        changes=changes)
     except (StopRequested, KeyboardInterrupt) as exc:
         saved_now = isinstance(exc, StopRequested)
-        print(f"interrupted: {'checkpoint saved' if saved_now else 'stopped at once, the latest checkpoint is kept'}"
-              + (f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""), file=sys.stderr)
+        how = "checkpoint saved" if saved_now else "stopped at once, the latest checkpoint is kept"
+        print(f"{who}interrupted: {how}" + (f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""),
+              file=sys.stderr)
         return 130
     except user_errors() as exc:
         if created is not None and not (created / "checkpoints").exists():
             shutil.rmtree(created, ignore_errors=True)  # this invocation made it and trained nothing
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {who}{exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed
-        print(f"{parser.prog}: error: {exc} It is saved; to continue with a lower learning rate: "
+        print(f"{parser.prog}: error: {who}{exc} It is saved; to continue with a lower learning rate: "
               f"python -m jaxft.train --resume {run_dir} --lr {cfg.lr / 10:g}", file=sys.stderr)
         return 3
+    except Exception as exc:
+        if not lost_peer(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        resume = (f" When it is fixed, start every process again with --resume {run_dir}: training continues "
+                  f"from the latest checkpoint." if run_dir is not None and (run_dir / "checkpoints").is_dir() else "")
+        print(f"{parser.prog}: error: {who}lost contact with the other processes of this job ({first}): one of them "
+              f"stopped or died; its own output says why.{resume}", file=sys.stderr)
+        return 4
     test = f", test accuracy {summary['test']['accuracy']:.4f}" if "test" in summary else ""
-    print(f"done: best val accuracy {summary['val']['accuracy']:.4f} at epoch {summary['best_epoch']}{test}; "
-          f"{summary['images_per_sec']:.0f} images/s; results in {run_dir}")
+    log(f"done: best val accuracy {summary['val']['accuracy']:.4f} at epoch {summary['best_epoch']}{test}; "
+        f"{summary['images_per_sec']:.0f} images/s; results in {run_dir}")
     return 0
 
 

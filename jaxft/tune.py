@@ -485,10 +485,11 @@ def resumed_study(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Path
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxft.engine import init_distributed
+    # No jax.distributed here: every tuning process is a worker of its own (several of them,
+    # started by hand or by srun, share one study through its storage); a trial runs on the
+    # devices of its process.
     from jaxft.train import StopRequested, user_errors
 
-    init_distributed()
     flags = {k: v for k, v in vars(args).items() if k not in TUNE_OPTIONS}
     study_dir: Optional[Path] = Path(args.resume) if args.resume else None
     try:

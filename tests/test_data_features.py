@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxft.data import open_dataset, train_loader, transforms_for
-from jaxft.data.features import AUGMENT_REASON, extract_features, feature_cache_decision
+from jaxft.features import AUGMENT_REASON, extract_features, feature_cache_decision
 from jaxft.data.pipeline import collate
 from jaxft.engine import Engine
 from jaxft.freeze import parse_strategy

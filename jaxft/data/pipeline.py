@@ -53,21 +53,71 @@ def _allow_unparsed_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """Which rows of every global batch this process loads.
+
+    A global batch of ``size`` samples is padded with masked samples to a multiple of
+    ``multiple`` (the number of devices it is split over) and cut into ``count`` equal blocks
+    of consecutive rows, one per process; this process loads block ``index``. One process
+    (``count=1``) loads the whole padded batch. Every process pads the same way, so the
+    batch the devices see is the same however many processes load it."""
+
+    multiple: int = 1
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.multiple % self.count or not 0 <= self.index < self.count:
+            raise ValueError(f"{self}: every process needs the same number of devices, and 0 <= index < count")
+
+    def rows(self, size: int) -> tuple[int, int]:
+        """(first, end) rows of this process's block of a global batch of ``size`` samples,
+        counted in the padded batch: rows from ``size`` on are padding."""
+        per_process = -(-size // self.multiple) * self.multiple // self.count
+        return self.index * per_process, (self.index + 1) * per_process
+
+
 @dataclass(frozen=True, eq=False)
-class _LoadSample:
-    """grain ``map_with_index`` transform: global position and sample index -> (array, label)."""
+class _LoadBatch:
+    """grain ``map``: global batch number -> this process's rows of that batch (see BatchShare).
+
+    Batch ``k`` holds the samples at positions ``epoch * n + start ..`` of the (reshuffled every
+    epoch) order; only this process's rows are read, decoded and transformed."""
 
     split: Split
     transform: Optional[Transform]
     seed: int
+    order: Optional[grain.MapDataset]  # shuffled sample indices, epoch-aware (None: in order)
+    batch_size: int
+    steps_per_epoch: int
+    share: BatchShare
 
-    def __call__(self, position: int, index: int) -> tuple[np.ndarray, int]:
+    def load(self, position: int) -> tuple[np.ndarray, int]:
+        n = len(self.split)
+        index = self.order[position] if self.order is not None else position % n
         image, label = self.split[index]
         if self.transform is None:
             return image, label
-        epoch = position // len(self.split)
-        rng = np.random.default_rng((self.seed, epoch, index)) if self.transform.random else None
+        rng = np.random.default_rng((self.seed, position // n, index)) if self.transform.random else None
         return self.transform(image, rng), label
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        n = len(self.split)
+        epoch, j = divmod(k, self.steps_per_epoch)
+        start = j * self.batch_size
+        size = min(self.batch_size, n - start)
+        first, end = self.share.rows(size)
+        real = range(first, min(end, size))
+        # a block of padding only (a small last batch over many processes) still needs a sample's shape
+        samples = [self.load(epoch * n + start + r) for r in (real or range(1))]
+        batch = collate(samples)
+        batch["mask"] = np.ones(len(batch["label"]), np.float32) if real else np.zeros(1, np.float32)
+        pad = (end - first) - len(batch["label"])
+        if pad:
+            batch = {key: np.concatenate([value, np.repeat(value[:1], pad, axis=0)]) for key, value in batch.items()}
+            batch["mask"][len(real):] = 0.0
+        return batch
 
 
 def _owned(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,7 +125,8 @@ def _owned(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def collate(samples: Sequence[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-    """A list of (array, label) -> ``{'image': (N, ...), 'label': int32 (N,)}``, what the engine takes."""
+    """A list of (array, label) -> ``{'image': (N, ...), 'label': int32 (N,)}``; the loader adds
+    ``'mask'`` (0 for padding): what the engine takes."""
     return {"image": np.stack([s[0] for s in samples]), "label": np.array([s[1] for s in samples], np.int32)}
 
 
@@ -114,12 +165,13 @@ class Loader:
 
 def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *, shuffle: bool, seed: int = 0,
                 num_epochs: int = 1, drop_remainder: bool = False, num_workers: int = 0, num_threads: int = 1,
-                prefetch: int = 2) -> Loader:
+                prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
     """The batches of ``split``. ``transform(image, rng)`` maps one sample (``transform.random``
     says whether it needs an rng; None passes samples through, e.g. cached features).
 
     ``num_workers`` processes (0: in this process) each build whole batches with
-    ``num_threads`` threads, ``prefetch`` batches ahead."""
+    ``num_threads`` threads, ``prefetch`` batches ahead. ``share``: the rows of each global
+    batch this process loads, padded for the devices (the whole batch by default)."""
     n = len(split)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
@@ -130,26 +182,24 @@ def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *
     if drop_remainder and n < batch_size:
         raise DataError(f"the {split.name} split has {n} samples, fewer than one batch of {batch_size}, and the last "
                         f"partial batch is dropped in training: lower the batch size to {n} or less")
-    samples = grain.MapDataset.range(n)
-    if shuffle:
-        samples = samples.shuffle(seed=_shuffle_seed(seed))
-    batches = samples.map_with_index(_LoadSample(split, transform, seed)).batch(
-        batch_size, drop_remainder=drop_remainder, batch_fn=collate)
-    steps = len(batches)
-    return Loader(batches.repeat(num_epochs), steps, num_epochs, num_workers, num_threads, prefetch)
+    order = grain.MapDataset.range(n).shuffle(seed=_shuffle_seed(seed)) if shuffle else None
+    steps = n // batch_size if drop_remainder else -(-n // batch_size)
+    batches = grain.MapDataset.range(steps * num_epochs).map(
+        _LoadBatch(split, transform, seed, order, batch_size, steps, share))
+    return Loader(batches, steps, num_epochs, num_workers, num_threads, prefetch)
 
 
 def train_loader(split: Split, transform: Optional[Transform], batch_size: int, *, seed: int = 0, num_epochs: int = 1,
                  drop_remainder: bool = True, num_workers: int = 0, num_threads: int = 1,
-                 prefetch: int = 2) -> Loader:
+                 prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
     """Shuffled, reshuffled every epoch, augmented per (seed, epoch, sample); see the module doc."""
     return make_loader(split, transform, batch_size, shuffle=True, seed=seed, num_epochs=num_epochs,
                        drop_remainder=drop_remainder, num_workers=num_workers, num_threads=num_threads,
-                       prefetch=prefetch)
+                       prefetch=prefetch, share=share)
 
 
 def eval_loader(split: Split, transform: Optional[Transform], batch_size: int, *, num_workers: int = 0,
-                num_threads: int = 1, prefetch: int = 2) -> Loader:
+                num_threads: int = 1, prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
     """One pass in order, every sample kept (the last batch may be smaller)."""
     return make_loader(split, transform, batch_size, shuffle=False, num_workers=num_workers,
-                       num_threads=num_threads, prefetch=prefetch)
+                       num_threads=num_threads, prefetch=prefetch, share=share)

@@ -8,6 +8,11 @@ when that holds. Features are cached as ``.npz`` under ``<jaxft cache dir>/featu
 keyed by everything that changes them: the backbone's variables (the classifier's own
 parameters excluded: they do not touch the features), the model's configuration, the
 transform and the split's data fingerprint.
+
+Running the backbone is model work, done here beside the engine (the data floor only loads
+images). In a multi-host job every process loads and decodes only its rows of each batch,
+the backbone runs over the devices of all processes, and every process gets the features of
+the whole split: the head then trains on global batches as any other model does.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from flax import traverse_util
 
 from jaxft.data.pipeline import Transform, eval_loader
 from jaxft.data.split import ArrayStore, Split
-from jaxft.engine import pad_batch
+from jaxft.distributed import any_process, batch_share, is_writer
+from jaxft.engine import data_mesh, pad_batch, replicate, shard_batch
 from jaxft.freeze import Strategy
 
 log = logging.getLogger("jaxft.data")
@@ -101,35 +107,53 @@ def _save(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _pre_logits_fn(model: nn.Module):
-    # One jitted function per model (modules hash by configuration), so train, val and test
-    # splits share its compilation.
-    return jax.jit(lambda variables, x: model.apply(variables, x, train=False, pre_logits=True))
+def _pre_logits_fn(model: nn.Module, mesh: jax.sharding.Mesh):
+    # One jitted function per model and mesh (modules hash by configuration), so train, val and
+    # test splits share its compilation. The features of the whole batch come back on every device.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(lambda variables, batch: (model.apply(variables, batch["image"], train=False, pre_logits=True),
+                                             batch["label"], batch["mask"]), out_shardings=replicated)
+
+
+def _load_cached(path: Path) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    try:
+        with np.load(path) as cached:
+            return cached["features"], cached["labels"]
+    except (OSError, ValueError, KeyError):
+        return None  # absent or unreadable: compute
 
 
 def extract_features(model: nn.Module, variables: Mapping[str, Any], split: Split, transform: Transform, *,
-                     batch_size: int = 64, cache_dir: Optional[Path] = None, num_workers: int = 0) -> Features:
+                     batch_size: int = 64, cache_dir: Optional[Path] = None, num_workers: int = 0,
+                     mesh: Optional[jax.sharding.Mesh] = None) -> Features:
     """``pre_logits`` features of every sample of ``split``, from the cache when present.
 
-    ``transform`` must be deterministic (an evaluation transform). Every batch is padded to
-    ``batch_size`` so the jitted backbone compiles once."""
+    ``transform`` must be deterministic (an evaluation transform). Batches are split over
+    ``mesh`` (every device by default) and every one is padded to ``batch_size``, so the
+    jitted backbone compiles once. In a multi-host job the cache is used only when every
+    process finds it (the processes compute together or not at all), and process 0 writes it."""
     if transform.random:
         raise ValueError(f"features can only be cached for a deterministic transform: {AUGMENT_REASON}")
     key = feature_key(model, variables, transform, split)
     path = (cache_dir or default_feature_dir()) / f"{key}.npz"
-    try:
-        with np.load(path) as cached:
-            return Features(cached["features"], cached["labels"], split.classes, key, from_cache=True)
-    except (OSError, ValueError, KeyError):
-        pass  # absent or unreadable: compute
+    cached = _load_cached(path)
+    if not any_process(cached is None):
+        return Features(*cached, split.classes, key, from_cache=True)
 
-    forward = _pre_logits_fn(model)
+    mesh = mesh or data_mesh()
+    share = batch_share(mesh)
+    forward = _pre_logits_fn(model, mesh)
+    on_mesh = replicate(variables, mesh)
+    block = -(-batch_size // share.multiple) * share.multiple // share.count  # this process's rows of a batch
     chunks, labels = [], []
-    for batch in eval_loader(split, transform, batch_size, num_workers=num_workers):
-        n = len(batch["label"])
-        padded, _ = pad_batch(batch, batch_size)
-        chunks.append(np.asarray(forward(variables, padded["image"]))[:n])
-        labels.append(batch["label"])
+    for batch in eval_loader(split, transform, block * share.count, num_workers=num_workers, share=share):
+        # the last, smaller batch padded too: each process's block ends in its padding, and the
+        # blocks follow each other in the order of the split
+        padded, _ = pad_batch(batch, block)
+        features, batch_labels, mask = (np.asarray(x) for x in forward(on_mesh, shard_batch(padded, mesh)))
+        chunks.append(features[mask > 0])
+        labels.append(batch_labels[mask > 0])
     features, labels = np.concatenate(chunks).astype(np.float32), np.concatenate(labels).astype(np.int32)
-    _save(path, features, labels)
+    if is_writer():
+        _save(path, features, labels)
     return Features(features, labels, split.classes, key, from_cache=False)
