@@ -68,7 +68,7 @@ def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping
         import orbax.checkpoint as ocp
 
         with _this_process_checkpointer() as ckptr:
-            ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
+            ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables)),
                                                 meta=ocp.args.JsonSave(header)))
     else:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -637,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMAND_OPTIONS = ("config", "resume", "overwrite", "quiet", "distributed")  # flags that are not TrainConfig's
+STOPPED_ALONE = (1, 2, 4)  # exit codes of a process that may stop without the others (see main)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -651,9 +652,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if not multihost:
         return run_command(parser, args)
-    # A process of a multi-host job that stops alone leaves at once: waiting at JAX's exit
-    # barrier would keep the others waiting in a collective for it. Those learn of it at their
-    # next collective and stop too (run_command: "lost contact").
+    # A process of a multi-host job that may be stopping alone (an error of its own, a lost
+    # peer, a second Ctrl-C) leaves at once: waiting at JAX's exit barrier would keep the others
+    # waiting in a collective for it. They learn of it at their next collective and stop too
+    # ("lost contact"). Finishing, a NaN stop and a Ctrl-C stop are agreed: every process
+    # checkpoints at the same step and they leave together.
     try:
         code = run_command(parser, args)
     except BaseException:
@@ -661,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         traceback.print_exc()
         code = 1
-    if code:
+    if code in STOPPED_ALONE:
         exit_now(code)
     return code
 
@@ -671,7 +674,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     run directory and prints the progress, and every process reports its own errors."""
     import jax
 
-    from jaxft.distributed import from_writer, is_writer, lost_peer
+    from jaxft.distributed import exit_now, from_writer, is_writer, lost_peer
 
     writer = is_writer()
     log: Callable[[str], None] = print if writer else (lambda *_: None)
@@ -705,6 +708,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         how = "checkpoint saved" if saved_now else "stopped at once, the latest checkpoint is kept"
         print(f"{who}interrupted: {how}" + (f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""),
               file=sys.stderr)
+        if who and not saved_now:  # a second Ctrl-C stopped this process alone: leave at once (see main)
+            exit_now(130)
         return 130
     except user_errors() as exc:
         if created is not None and not (created / "checkpoints").exists():
