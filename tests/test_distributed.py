@@ -309,3 +309,54 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterru
     assert_same_result(json.loads((run / "summary.json").read_text()),
                        json.loads((expected / "summary.json").read_text()))
     assert all(np.array_equal(final_params(run)[k], v) for k, v in final_params(expected).items())
+
+
+def test_ctrl_c_on_one_process_stops_both_at_the_same_step_and_both_resume_to_the_uninterrupted_result(
+        runs, digits_folder, base_env, tmp_path):
+    run = tmp_path / "run"
+    env = _own_cache(base_env, tmp_path / "cache")
+    procs = start(2, 1, ["--data", digits_folder, "--strategy", "full", *ARGS, "--out", run], env,
+                  tmp_path / "decodes")
+    steps_per_epoch = TRAIN_SIZE // BATCH
+    deadline = time.time() + 300
+    while not any(step > steps_per_epoch + 2 for step in logged_steps(run)):
+        assert all(p.poll() is None for p in procs), finish(procs)
+        assert time.time() < deadline, "the moment to interrupt never came"
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGINT)  # process 1 alone: process 0 learns of it at the next collect
+    (code0, err0), (code1, err1) = finish(procs, timeout=120)
+    assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
+    assert "process 0 of 2: interrupted: checkpoint saved" in err0
+    assert "process 1 of 2: interrupted: checkpoint saved" in err1
+    stopped = saved_steps(run)[-1]
+    assert steps_per_epoch + 2 < stopped < 2 * steps_per_epoch and not (run / "summary.json").exists()
+
+    for code, stderr in finish(start(2, 1, ["--resume", run, "--quiet"], env, tmp_path / "resumed")):
+        assert code == 0, stderr[-3000:]
+    resumes = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [stopped]
+    assert_same_result(json.loads((run / "summary.json").read_text()),
+                       json.loads((runs["full-2x1"] / "summary.json").read_text()))
+
+
+def test_a_process_that_fails_alone_leaves_at_once_and_the_other_follows(digits_folder, base_env, tmp_path):
+    """Process 1 cannot read the data (a host without the dataset): it reports why and leaves
+    without waiting at JAX's exit barrier, and process 0 stops at its next collective."""
+    run = tmp_path / "run"
+    env = _own_cache(base_env, tmp_path / "cache")
+    cluster = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
+    procs = []
+    for process, data in ((0, digits_folder), (1, tmp_path / "not_mounted_here")):
+        with open(tmp_path / f"{process}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "jaxft.train", "--data", data, *map(str, ARGS),
+                                           "--out", run], env={**env, **cluster, "JAX_PROCESS_ID": str(process)},
+                                          stdout=subprocess.DEVNULL, stderr=err))
+    started = time.time()
+    codes = [p.wait(timeout=HEARTBEAT + 120) for p in procs]
+    errors = [(tmp_path / f"{process}.err").read_text() for process in (0, 1)]
+    assert codes == [4, 2], errors
+    assert "process 1 of 2: dataset folder" in errors[1] and "does not exist" in errors[1]
+    assert "process 0 of 2: lost contact with the other processes of this job" in errors[0]
+    assert "Traceback" not in errors[0] + errors[1]
+    assert time.time() - started < 120  # no exit barrier (JAXFT_SHUTDOWN_TIMEOUT) or heartbeat waited out
