@@ -9,7 +9,7 @@ program on the same data order: each loads its own rows of every global batch
 (:func:`batch_share`), the compiled steps run over the devices of all processes, and process
 0 alone writes the run directory (:func:`is_writer`). A decision that could differ between
 processes (a Ctrl-C on one host, a feature cache present on one disk) is agreed first
-(:func:`any_process`), so that all of them take the same branch and meet at the same
+(:func:`any_process`, :func:`largest_of_processes`), so that all of them take the same branch and meet at the same
 collectives.
 
 When a process dies, the others learn of it at their next collective (Gloo closes the
@@ -158,13 +158,18 @@ def batch_share(mesh) -> BatchShare:
     return BatchShare(len(owners), processes.index(jax.process_index()), len(processes))
 
 
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (every process must call this at the same point)."""
+def largest_of_processes(value: int) -> int:
+    """The largest of every process's ``value`` (every process must call this at the same point)."""
     if not is_multihost():
-        return flag
+        return value
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (every process must call this at the same point)."""
+    return bool(largest_of_processes(int(flag)))
 
 
 def from_writer(text: str) -> str:

@@ -144,29 +144,43 @@ class Progress:
         return record["epoch"], record["val_accuracy"]
 
 
+# Ctrl-C, and what a scheduler sends before it kills (SLURM at a time limit or preemption,
+# Kubernetes when it deletes a pod, after which it waits 30 s by default)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopRequested(Exception):
-    """Ctrl-C: checkpoint and leave."""
+    """Ctrl-C or SIGTERM: checkpoint and leave, with exit status 128 + ``signum``."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class InterruptFlag:
-    """First Ctrl-C asks the loop to stop after the current step (which then checkpoints);
-    a second one interrupts at once."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop after the current step (which then
+    checkpoints): ``signum`` says which, 0 before any; a second one interrupts at once."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> "InterruptFlag":
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
+            self.signum = signum
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        self._previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -371,7 +385,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
-    from jaxft.distributed import any_process, is_multihost
+    from jaxft.distributed import is_multihost, largest_of_processes
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
 
@@ -401,11 +415,13 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         progress.history.append(record)
         write({"event": "epoch", "step": progress.global_step, **record})
 
-    def stop_requested(interrupt: InterruptFlag, due: bool = True) -> bool:
-        """Whether to stop after this step. A Ctrl-C on any process of a multi-host job stops
-        every process at the same step: they agree at the steps they collect (``due``) anyway,
-        which adds no host sync per step."""
-        return (due and any_process(interrupt.requested)) if multihost else interrupt.requested
+    def stop_requested(interrupt: InterruptFlag, due: bool = True) -> int:
+        """The signal to stop for after this step (0: go on). A Ctrl-C or SIGTERM on any process
+        of a multi-host job stops every process at the same step: they agree at the steps they
+        collect (``due``) anyway, which adds no host sync per step."""
+        if not multihost:
+            return interrupt.signum
+        return largest_of_processes(interrupt.signum) if due else 0
 
     try:
         if resume:
@@ -498,7 +514,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                     if due or stop:
                         collect()
                     if stop and not epoch_end:
-                        raise StopRequested  # (at an epoch's last step: after its evaluation and save)
+                        raise StopRequested(stop)  # (at an epoch's last step: after its evaluation and save)
                     if save_due:
                         save()
                         interval_mark = time.perf_counter()  # the wall time counts training, not saving
@@ -515,8 +531,9 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                     f"val loss {stats.loss:.4f} acc {stats.accuracy:.4f}{' *' if improved else ''}")
                 progress.epoch, progress.step_in_epoch, progress.train_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
                 save(stats.accuracy)
-                if stop_requested(interrupt) and epoch + 1 < cfg.epochs:
-                    raise StopRequested
+                stop = stop_requested(interrupt)
+                if stop and epoch + 1 < cfg.epochs:
+                    raise StopRequested(stop)
     except StopRequested:
         save()  # after a whole step: the iterator is at the next batch
         raise
@@ -705,12 +722,12 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                         changes=changes)
     except (StopRequested, KeyboardInterrupt) as exc:
         saved_now = isinstance(exc, StopRequested)
-        how = "checkpoint saved" if saved_now else "stopped at once, the latest checkpoint is kept"
-        print(f"{who}interrupted: {how}" + (f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""),
-              file=sys.stderr)
-        if who and not saved_now:  # a second Ctrl-C stopped this process alone: leave at once (see main)
+        how = f"{exc} received, checkpoint saved" if saved_now else "stopped at once, the latest checkpoint is kept"
+        resume = f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""
+        print(f"{who}interrupted: {how}{resume}", file=sys.stderr)
+        if who and not saved_now:  # a second signal stopped this process alone: leave at once (see main)
             exit_now(130)
-        return 130
+        return 128 + exc.signum if saved_now else 130
     except user_errors() as exc:
         if created is not None and not (created / "checkpoints").exists():
             shutil.rmtree(created, ignore_errors=True)  # this invocation made it and trained nothing

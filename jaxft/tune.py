@@ -513,10 +513,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("  space: " + ", ".join(f"{name} {p.describe()}" for name, p in space.items()))
         print(f"  live view: optuna-dashboard {settings['storage']}")
         work(study, settings, base, space, study_dir, args.timeout)
-    except (StopRequested, KeyboardInterrupt):
+    except (StopRequested, KeyboardInterrupt) as exc:
         print(f"interrupted: the running trial is checkpointed and queued again; continue with python -m jaxft.tune "
               f"--resume {study_dir}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum if isinstance(exc, StopRequested) else 130
     except (*user_errors(), TuneError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

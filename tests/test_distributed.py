@@ -311,7 +311,7 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterru
     assert all(np.array_equal(final_params(run)[k], v) for k, v in final_params(expected).items())
 
 
-def test_ctrl_c_on_one_process_stops_both_at_the_same_step_and_both_resume_to_the_uninterrupted_result(
+def test_sigterm_on_one_process_stops_both_at_the_same_step_and_both_resume_to_the_uninterrupted_result(
         runs, digits_folder, base_env, tmp_path):
     run = tmp_path / "run"
     env = _own_cache(base_env, tmp_path / "cache")
@@ -323,11 +323,13 @@ def test_ctrl_c_on_one_process_stops_both_at_the_same_step_and_both_resume_to_th
         assert all(p.poll() is None for p in procs), finish(procs)
         assert time.time() < deadline, "the moment to interrupt never came"
         time.sleep(0.01)
-    procs[1].send_signal(signal.SIGINT)  # process 1 alone: process 0 learns of it at the next collect
+    # what a scheduler sends before it kills; here to process 1 alone: process 0 learns of it at
+    # the next step the two collect, and both checkpoint that step
+    procs[1].send_signal(signal.SIGTERM)
     (code0, err0), (code1, err1) = finish(procs, timeout=120)
-    assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
-    assert "process 0 of 2: interrupted: checkpoint saved" in err0
-    assert "process 1 of 2: interrupted: checkpoint saved" in err1
+    assert (code0, code1) == (128 + signal.SIGTERM, 128 + signal.SIGTERM), (err0[-2000:], err1[-2000:])
+    for process, err in enumerate((err0, err1)):
+        assert f"process {process} of 2: interrupted: SIGTERM received, checkpoint saved" in err, err[-2000:]
     stopped = saved_steps(run)[-1]
     assert steps_per_epoch + 2 < stopped < 2 * steps_per_epoch and not (run / "summary.json").exists()
 

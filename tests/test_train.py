@@ -127,7 +127,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
     total = expected["steps"]
 
     rng = random.Random(0)
-    for trial, trigger in enumerate(("step", "save", "step", "ctrl-c")):
+    for trial, trigger in enumerate(("step", "save", "step", "ctrl-c", "sigterm")):
         run = tmp_path / f"killed{trial}"
         proc = start_training(*args, "--out", run, env=env)
         at = rng.randint(6, total - 4)
@@ -138,10 +138,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
         else:
             def ready(run=run, at=at):
                 return max(logged_steps(run), default=0) >= at
-        sig = signal.SIGINT if trigger == "ctrl-c" else signal.SIGKILL
+        sig = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM}.get(trigger, signal.SIGKILL)
         code, stderr = interrupt_when(proc, ready, sig)
-        if trigger == "ctrl-c":  # finish the step, checkpoint, exit 130 with the resume command
-            assert code == 130 and "--resume" in stderr, stderr[-2000:]
+        if sig != signal.SIGKILL:  # finish the step, checkpoint, exit 128 + signal with the resume command
+            assert code == 128 + sig and f"{sig.name} received, checkpoint saved" in stderr, stderr[-2000:]
+            assert "--resume" in stderr, stderr[-2000:]
         else:
             assert code == -signal.SIGKILL, (trial, code, stderr[-2000:])
         assert not (run / "summary.json").exists() and saved_steps(run), trial
@@ -262,21 +263,22 @@ def test_lr_mult_reaches_the_head_trained_on_cached_features(source_checkpoint, 
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
-    """The first Ctrl-C asks the loop to stop after its step (and checkpoint); the second, for a
-    user who will not wait, raises at once (main turns it into exit 130 without a traceback)."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop after its step (and checkpoint); the second,
+    for a user who will not wait, raises at once (main turns it into exit 130 without a traceback)."""
     import time
 
     from jaxft.train import InterruptFlag
 
-    previous = signal.getsignal(signal.SIGINT)
-    with InterruptFlag() as interrupt:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert interrupt.requested
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1.0)
-    assert signal.getsignal(signal.SIGINT) is previous
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for first, second in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)):
+        with InterruptFlag() as interrupt:
+            os.kill(os.getpid(), first)
+            time.sleep(0.05)
+            assert interrupt.requested and interrupt.signum == first
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), second)
+                time.sleep(1.0)
+        assert {number: signal.getsignal(number) for number in previous} == previous
 
 
 def test_steps_read_the_device_only_at_log_intervals(source_checkpoint, tmp_path, monkeypatch):
