@@ -129,10 +129,11 @@ class RunCheckpoints:
     item (epoch, position in the epoch, running metrics, data iterator state).
 
     Keeps the latest ``keep`` checkpoints and, beside them, the best one by validation
-    accuracy. In a multi-host job every process opens, saves, restores and closes it together,
-    as orbax requires; process 0 writes the replicated state and the progress. Saves are synchronous and atomic (orbax writes a temporary directory and
+    accuracy. Saves are synchronous and atomic (orbax writes a temporary directory and
     renames it), so a process killed mid-save leaves the previous checkpoints readable;
-    leftover temporary directories are removed when the manager opens.
+    leftover temporary directories are removed when the manager opens. In a multi-host job
+    every process opens, saves, restores and closes it together, as orbax requires; process 0
+    writes the replicated state and the progress.
     """
 
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):

@@ -33,7 +33,7 @@ from flax import traverse_util
 
 from jaxft.data.pipeline import Transform, eval_loader
 from jaxft.data.split import ArrayStore, Split
-from jaxft.distributed import any_process, batch_share, is_writer
+from jaxft.distributed import any_process, batch_share
 from jaxft.engine import data_mesh, pad_batch, replicate, shard_batch
 from jaxft.freeze import Strategy
 
@@ -131,7 +131,8 @@ def extract_features(model: nn.Module, variables: Mapping[str, Any], split: Spli
     ``transform`` must be deterministic (an evaluation transform). Batches are split over
     ``mesh`` (every device by default) and every one is padded to ``batch_size``, so the
     jitted backbone compiles once. In a multi-host job the cache is used only when every
-    process finds it (the processes compute together or not at all), and process 0 writes it."""
+    process finds it (the processes compute together or not at all), and every process writes
+    it: caches are per host (on a cache shared by them, each replaces the file with the same one)."""
     if transform.random:
         raise ValueError(f"features can only be cached for a deterministic transform: {AUGMENT_REASON}")
     key = feature_key(model, variables, transform, split)
@@ -154,6 +155,5 @@ def extract_features(model: nn.Module, variables: Mapping[str, Any], split: Spli
         chunks.append(features[mask > 0])
         labels.append(batch_labels[mask > 0])
     features, labels = np.concatenate(chunks).astype(np.float32), np.concatenate(labels).astype(np.int32)
-    if is_writer():
-        _save(path, features, labels)
+    _save(path, features, labels)
     return Features(features, labels, split.classes, key, from_cache=False)

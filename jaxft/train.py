@@ -668,14 +668,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if not multihost:
-        return run_command(parser, args)
+        return run_command(parser, args, multihost)
     # A process of a multi-host job that may be stopping alone (an error of its own, a lost
     # peer, a second Ctrl-C) leaves at once: waiting at JAX's exit barrier would keep the others
     # waiting in a collective for it. They learn of it at their next collective and stop too
     # ("lost contact"). Finishing, a NaN stop and a Ctrl-C stop are agreed: every process
     # checkpoints at the same step and they leave together.
     try:
-        code = run_command(parser, args)
+        code = run_command(parser, args, multihost)
     except BaseException:
         import traceback
 
@@ -686,16 +686,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
-def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def remove_if_untrained(created: Optional[Path]) -> None:
+    """Remove the run directory this invocation ``created`` when it stopped before training."""
+    if created is not None and not (created / "checkpoints").exists():
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, multihost: bool) -> int:
     """The command on this process; its exit status. In a multi-host job process 0 creates the
     run directory and prints the progress, and every process reports its own errors."""
-    import jax
-
     from jaxft.distributed import exit_now, from_writer, is_writer, lost_peer
 
-    writer = is_writer()
+    writer = not multihost or is_writer()
     log: Callable[[str], None] = print if writer else (lambda *_: None)
-    who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+    who = ""
+    if multihost:
+        import jax
+
+        who = f"process {jax.process_index()} of {jax.process_count()}: "
     flags = {k: v for k, v in vars(args).items() if k not in COMMAND_OPTIONS}
     created: Optional[Path] = None
     run_dir: Optional[Path] = None
@@ -715,7 +723,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                 write_json(run_dir / "config.json", config_to_dict(cfg))
                 write_json(run_dir / "environment.json", environment())
             # the other processes train into the directory process 0 made, under the name it chose
-            run_dir = Path(from_writer(str(run_dir)))
+            run_dir = Path(from_writer(str(run_dir) if writer else ""))
             cfg.out = str(run_dir)
         log(f"run directory: {run_dir}")
         summary = train(cfg, run_dir, resume=bool(args.resume), log=log, quiet=args.quiet or not writer,
@@ -725,12 +733,11 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         how = f"{exc} received, checkpoint saved" if saved_now else "stopped at once, the latest checkpoint is kept"
         resume = f"; continue with python -m jaxft.train --resume {run_dir}" if run_dir else ""
         print(f"{who}interrupted: {how}{resume}", file=sys.stderr)
-        if who and not saved_now:  # a second signal stopped this process alone: leave at once (see main)
+        if multihost and not saved_now:  # a second signal stopped this process alone: leave at once (see main)
             exit_now(130)
         return 128 + exc.signum if saved_now else 130
     except user_errors() as exc:
-        if created is not None and not (created / "checkpoints").exists():
-            shutil.rmtree(created, ignore_errors=True)  # this invocation made it and trained nothing
+        remove_if_untrained(created)
         print(f"{parser.prog}: error: {who}{exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed
@@ -740,6 +747,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except Exception as exc:
         if not lost_peer(exc):
             raise
+        remove_if_untrained(created)
         first = str(exc).strip().splitlines()[0]
         resume = (f" When it is fixed, start every process again with --resume {run_dir}: training continues "
                   f"from the latest checkpoint." if run_dir is not None and (run_dir / "checkpoints").is_dir() else "")

@@ -276,19 +276,40 @@ def test_each_process_decodes_only_its_rows_of_every_batch(runs, strategy):
         assert len(single) == TRAIN_SIZE + sum(VAL_PER_CLASS.values())
 
 
+STEPS_PER_EPOCH = TRAIN_SIZE // BATCH
+
+
+def start_into_the_second_epoch(digits_folder: Path, env: dict, run: Path) -> list[subprocess.Popen]:
+    """Two processes training `full` into ``run``, returned once they are a few steps past the
+    first epoch's checkpoint."""
+    procs = start(2, 1, ["--data", digits_folder, "--strategy", "full", *ARGS, "--out", run], env,
+                  run.with_name("decodes"))
+    deadline = time.time() + 300
+    while not any(step > STEPS_PER_EPOCH + 2 for step in logged_steps(run)):
+        assert all(p.poll() is None for p in procs), finish(procs)
+        assert time.time() < deadline, "the moment to interrupt never came"
+        time.sleep(0.01)
+    return procs
+
+
+def resume_both_and_compare(run: Path, env: dict, stopped_at: int, expected: Path) -> None:
+    """Relaunch both processes with --resume: they continue from ``stopped_at`` once and end as
+    the uninterrupted run ``expected``, bit for bit."""
+    for code, stderr in finish(start(2, 1, ["--resume", run, "--quiet"], env, run.with_name("resumed"))):
+        assert code == 0, stderr[-3000:]
+    resumes = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [stopped_at]
+    assert_same_result(json.loads((run / "summary.json").read_text()),
+                       json.loads((expected / "summary.json").read_text()))
+    assert all(np.array_equal(final_params(run)[k], v) for k, v in final_params(expected).items())
+
+
 def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterrupted_result(
         runs, digits_folder, base_env, tmp_path):
     run = tmp_path / "run"
     env = _own_cache(base_env, tmp_path / "cache")
-    procs = start(2, 1, ["--data", digits_folder, "--strategy", "full", *ARGS, "--out", run], env,
-                  tmp_path / "decodes")
-    steps_per_epoch = TRAIN_SIZE // BATCH
-    deadline = time.time() + 300
-    # after the first epoch's checkpoint, a few steps into the second
-    while not any(step > steps_per_epoch + 2 for step in logged_steps(run)):
-        assert all(p.poll() is None for p in procs), finish(procs)
-        assert time.time() < deadline, "the moment to interrupt never came"
-        time.sleep(0.01)
+    procs = start_into_the_second_epoch(digits_folder, env, run)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
     survivor_code, survivor_err = finish(procs[:1], timeout=HEARTBEAT + 60)[0]
@@ -298,31 +319,15 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterru
     assert waited < HEARTBEAT, waited  # at its next collective, not after the heartbeat timeout
     assert "process 0 of 2: lost contact with the other processes of this job" in survivor_err
     assert f"--resume {run}" in survivor_err and "Traceback" not in survivor_err
-    assert not (run / "summary.json").exists() and saved_steps(run)[-1] == steps_per_epoch
-
-    for code, stderr in finish(start(2, 1, ["--resume", run, "--quiet"], env, tmp_path / "resumed")):
-        assert code == 0, stderr[-3000:]
-    resumes = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if r.get("event") == "resume"]
-    assert [r["step"] for r in resumes] == [steps_per_epoch]
-    expected = runs["full-2x1"]
-    assert_same_result(json.loads((run / "summary.json").read_text()),
-                       json.loads((expected / "summary.json").read_text()))
-    assert all(np.array_equal(final_params(run)[k], v) for k, v in final_params(expected).items())
+    assert not (run / "summary.json").exists() and saved_steps(run)[-1] == STEPS_PER_EPOCH
+    resume_both_and_compare(run, env, STEPS_PER_EPOCH, runs["full-2x1"])
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step_and_both_resume_to_the_uninterrupted_result(
         runs, digits_folder, base_env, tmp_path):
     run = tmp_path / "run"
     env = _own_cache(base_env, tmp_path / "cache")
-    procs = start(2, 1, ["--data", digits_folder, "--strategy", "full", *ARGS, "--out", run], env,
-                  tmp_path / "decodes")
-    steps_per_epoch = TRAIN_SIZE // BATCH
-    deadline = time.time() + 300
-    while not any(step > steps_per_epoch + 2 for step in logged_steps(run)):
-        assert all(p.poll() is None for p in procs), finish(procs)
-        assert time.time() < deadline, "the moment to interrupt never came"
-        time.sleep(0.01)
+    procs = start_into_the_second_epoch(digits_folder, env, run)
     # what a scheduler sends before it kills; here to process 1 alone: process 0 learns of it at
     # the next step the two collect, and both checkpoint that step
     procs[1].send_signal(signal.SIGTERM)
@@ -331,15 +336,8 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_both_resume_to_t
     for process, err in enumerate((err0, err1)):
         assert f"process {process} of 2: interrupted: SIGTERM received, checkpoint saved" in err, err[-2000:]
     stopped = saved_steps(run)[-1]
-    assert steps_per_epoch + 2 < stopped < 2 * steps_per_epoch and not (run / "summary.json").exists()
-
-    for code, stderr in finish(start(2, 1, ["--resume", run, "--quiet"], env, tmp_path / "resumed")):
-        assert code == 0, stderr[-3000:]
-    resumes = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if r.get("event") == "resume"]
-    assert [r["step"] for r in resumes] == [stopped]
-    assert_same_result(json.loads((run / "summary.json").read_text()),
-                       json.loads((runs["full-2x1"] / "summary.json").read_text()))
+    assert STEPS_PER_EPOCH + 2 < stopped < 2 * STEPS_PER_EPOCH and not (run / "summary.json").exists()
+    resume_both_and_compare(run, env, stopped, runs["full-2x1"])
 
 
 def test_a_process_that_fails_alone_leaves_at_once_and_the_other_follows(digits_folder, base_env, tmp_path):

@@ -1,13 +1,17 @@
 """The grain input pipeline: shuffle, decode, transform and batch a split, in worker processes.
 
 The pipeline is a ``grain.MapDataset`` of whole batches, random access by global batch
-number: ``range(n) -> shuffle -> (epoch, sample) -> load + transform -> batch -> repeat``.
-Every batch is a pure function of (seed, epoch, position), so
+number ``k``: batch ``k mod steps`` of epoch ``k div steps``, its samples taken from the
+epoch's order (``range(n) -> shuffle``), loaded, transformed and collated. Every batch is a
+pure function of (seed, epoch, position), so
 
 * each epoch is reshuffled (grain's shuffle folds the epoch into its seed) and batches
   never straddle two epochs;
 * augmentation draws from ``np.random.default_rng((seed, epoch, sample index))``, so the
-  images do not depend on the worker count or on which worker built them;
+  images do not depend on the worker count, on which worker built them, or on which
+  process of a multi-host job loads them;
+* each process loads only its own rows of every batch (``BatchShare``), padded as one
+  process pads the whole batch;
 * the iterator's ``get_state()`` / ``set_state()`` (grain's, JSON-serialisable, what
   ``grain.checkpoint.CheckpointHandler`` saves) resumes at exactly the next batch.
 
