@@ -239,6 +239,10 @@ def test_two_processes_train_as_one_process_with_two_devices_and_as_one_device(r
     if strategy == "head":
         assert summary["feature_cache"]["used"], summary["feature_cache"]
     assert summary["val"]["samples"] == sum(VAL_PER_CLASS.values())  # every sample once, none twice
+    # process 0 alone prints the log (process 1's output is Gloo's own connection line)
+    printed = [Path(f"{two_processes}.decodes.{process}.out").read_text() for process in (0, 1)]
+    assert "run directory:" in printed[0] and "epoch 2/2:" in printed[0] and "done:" in printed[0]
+    assert not any(word in printed[1] for word in ("run directory", "epoch", "done")), printed[1]
 
     # The same compiled program over the same two device blocks, and an all-reduce of two terms
     # (the same in either order): 2 processes x 1 device are 1 process x 2 devices, bit for bit.
