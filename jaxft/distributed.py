@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -97,12 +97,16 @@ def timeouts(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     return {name: _int(environ, name) if name in environ else default for name, default in TIMEOUTS.items()}
 
 
-def join_cluster(distributed: Optional[bool] = None, environ: Mapping[str, str] = os.environ) -> bool:
+def join_cluster(distributed: Optional[bool] = None, environ: Mapping[str, str] = os.environ,
+                 announce: Callable[[str], None] = lambda line: None) -> bool:
     """Join the multi-host job the environment names, before anything touches a device.
 
     ``distributed``: None joins when the environment names more than one process; True joins
     whatever it names (and lets JAX detect a cluster it alone knows, such as a Cloud TPU pod),
-    failing when there is none; False never joins. Returns whether this is a multi-host run."""
+    failing when there is none; False never joins. ``announce`` gets one line saying what is
+    being joined: it comes before JAX waits for the other processes, and before JAX's own
+    message if one never comes (JAX ends the process then). Returns whether this is a
+    multi-host run."""
     if distributed is False:
         return False
     cluster = cluster_from_env(environ)
@@ -114,6 +118,12 @@ def join_cluster(distributed: Optional[bool] = None, environ: Mapping[str, str] 
     import jax
 
     limits = timeouts(environ)
+    if cluster is None:
+        announce("joining a multi-host job that JAX detects (--distributed)")
+    else:
+        announce(f"joining a multi-host job as process {cluster.process_id} of {cluster.num_processes} "
+                 f"({cluster.source}), coordinator {cluster.coordinator or 'found by JAX'}; every process "
+                 f"must join within JAXFT_INIT_TIMEOUT ({limits['JAXFT_INIT_TIMEOUT']} s)")
     known = {} if cluster is None else {"num_processes": cluster.num_processes, "process_id": cluster.process_id,
                                         "coordinator_address": cluster.coordinator}
     try:

@@ -663,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from jaxft.distributed import DistributedError, exit_now, join_cluster
 
     try:
-        multihost = join_cluster(args.distributed)
+        multihost = join_cluster(args.distributed, announce=lambda line: print(line, file=sys.stderr))
     except DistributedError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

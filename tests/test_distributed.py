@@ -364,3 +364,17 @@ def test_a_process_that_fails_alone_leaves_at_once_and_the_other_follows(digits_
     assert "process 0 of 2: lost contact with the other processes of this job" in errors[0]
     assert "Traceback" not in errors[0] + errors[1]
     assert time.time() - started < 120  # no exit barrier (JAXFT_SHUTDOWN_TIMEOUT) or heartbeat waited out
+
+
+def test_a_job_that_never_forms_says_what_it_waited_for_and_writes_nothing(env, tmp_path):
+    """Process 0 of 2 started alone: jaxft says what it is joining and for how long, then JAX
+    ends the process with its own message once JAXFT_INIT_TIMEOUT has passed."""
+    out = tmp_path / "run"
+    job = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
+           "JAXFT_INIT_TIMEOUT": "3"}
+    result = cli("jaxft.train", "--data", "digits", "--out", out, env={**env, **job}, timeout=120)
+    assert result.returncode == -signal.SIGABRT, result.stderr[-2000:]
+    assert "joining a multi-host job as process 0 of 2" in result.stderr
+    assert "every process must join within JAXFT_INIT_TIMEOUT (3 s)" in result.stderr
+    assert "RegisterTask" in result.stderr  # JAX's DEADLINE_EXCEEDED for the missing process
+    assert not out.exists()
