@@ -241,6 +241,43 @@ def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, 
         assert rel_l2(np.asarray(g, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 
+@pytest.mark.parametrize("hw,kernel,pad,cout", [((4, 4), 3, 1, 16), ((3, 4), 3, 1, 8), ((4, 4), 1, 0, 32),
+                                                 ((3, 3), 5, 2, 8)])
+def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel, pad, cout):
+    """Conv's route for strided convolutions over small maps (the input gradient as one stride-1
+    convolution per output phase): the forward pass is XLA's convolution bit for bit, the kernel
+    gradient XLA's too, and the input gradient is as close to torch float64 as torch float32 is
+    (within twice its distance, or 1e-6). Odd maps and a 1x1 kernel (phases no tap reaches)."""
+    from jaxft.models import layers
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 8, *hw, generator=gen)
+    weight = torch.randn(cout, 8, kernel, kernel, generator=gen)
+
+    def torch_grads(dtype):
+        xt, wt = (t.to(dtype).requires_grad_(True) for t in (x, weight))
+        y = torch.nn.functional.conv2d(xt, wt, stride=2, padding=pad)
+        y.backward(cotangent.to(dtype))
+        return [np.asarray(nchw_to_nhwc(xt.grad), np.float64), wt.grad.permute(2, 3, 1, 0).numpy().astype(np.float64)]
+
+    cotangent = torch.randn(*torch.nn.functional.conv2d(x, weight, stride=2, padding=pad).shape, generator=gen)
+    conv = layers.Conv(cout, (kernel, kernel), strides=(2, 2), padding=((pad, pad), (pad, pad)), use_bias=False)
+    params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())}
+    x_nhwc = jnp.asarray(nchw_to_nhwc(x))
+    assert layers._use_phase_input_grad(x_nhwc, (kernel, kernel), (2, 2), conv.padding, 1) == (kernel > 1)
+    y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), params, x_nhwc)
+    p_grad, x_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+    xla = lambda p, v: jax.lax.conv_general_dilated(v, p["kernel"], (2, 2), conv.padding,  # noqa: E731
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y_xla, xla_vjp = jax.vjp(xla, params, x_nhwc)
+    assert np.array_equal(np.asarray(y), np.asarray(y_xla))
+    assert np.array_equal(np.asarray(p_grad["kernel"]), np.asarray(xla_vjp(jnp.asarray(nchw_to_nhwc(cotangent)))[0]
+                                                                   ["kernel"]))
+    expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
+    for got, e, t in zip((x_grad, p_grad["kernel"]), expected, torch32):
+        assert rel_l2(np.asarray(got, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
+
+
 @pytest.mark.parametrize("window,stride,padding,hw", [(3, 2, 1, (9, 11)), (3, 2, 1, (8, 8)), (2, 2, 0, (7, 10)),
                                                       (3, 1, 1, (5, 6))])
 def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding, hw):

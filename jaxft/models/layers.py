@@ -204,6 +204,8 @@ class Conv(nn.Module):
         elif _use_tap_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
                                   self.feature_group_count):
             y = _conv_tap_kernel_grad(x, kernel, tuple(map(tuple, self.padding)))
+        elif _use_phase_input_grad(x, self.kernel_size, self.strides, self.padding, self.feature_group_count):
+            y = _conv_phase_input_grad(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
         else:
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims,
                                              feature_group_count=self.feature_group_count)
@@ -277,3 +279,67 @@ def _conv_tap_kernel_grad_backward(padding, residuals, g):
 
 
 _conv_tap_kernel_grad.defvjp(_conv_tap_kernel_grad_forward, _conv_tap_kernel_grad_backward)
+
+
+# XLA:CPU (jaxlib 0.10) computes the input gradient of a strided convolution as a convolution with
+# input dilation, which YNN does not take for small maps: Eigen's fallback then took 142 ms for
+# resnet50's layer4.0.conv2 at 64 px (4x4x512 -> 2x2x512, batch 16), 31% of the partial:0.8 step.
+# The same gradient as one stride-1 convolution per output phase took 2.8 ms (docs/benchmarks.md).
+# Measured fast in XLA from 8x8 maps up, so the route is taken for maps of at most 4x4.
+PHASE_INPUT_GRAD_MAX_CELLS = 16
+
+
+def _use_phase_input_grad(x: jnp.ndarray, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Any,
+                          groups: int) -> bool:
+    _, h, w, _ = x.shape
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and groups == 1 and max(kernel_size) > 1
+            and max(strides) > 1 and not isinstance(padding, str) and h * w <= PHASE_INPUT_GRAD_MAX_CELLS)
+
+
+def _strided_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_phase_input_grad(x, kernel, strides, padding):
+    """A strided convolution (NHWC, HWIO) whose input gradient is one stride-1 convolution per
+    output phase: input row ``s*j + p`` receives the output gradient's rows ``j - d`` through
+    the kernel taps ``k = s*d + p + pad`` (a correlation with those taps reversed and their
+    channels swapped). The forward pass and the kernel gradient are XLA's own."""
+    return _strided_conv(x, kernel, strides, padding)
+
+
+def _conv_phase_input_grad_forward(x, kernel, strides, padding):
+    return _strided_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _phase_taps(size: int, out_size: int, kernel: int, stride: int, pad: int, phase: int):
+    """For input positions ``stride*j + phase``: the taps that reach them (ascending) and the
+    padding of the output gradient that lines them up as a stride-1 correlation."""
+    taps = [k for k in range(kernel) if (k - pad - phase) % stride == 0]
+    if not taps:
+        return taps, None
+    shifts = [(k - pad - phase) // stride for k in taps]
+    rows = -(-(size - phase) // stride)
+    return taps, (max(shifts), rows - out_size - min(shifts))
+
+
+def _conv_phase_input_grad_backward(strides, padding, residuals, g):
+    x, kernel = residuals
+    _, kernel_vjp = jax.vjp(lambda k: _strided_conv(x, k, strides, padding), kernel)
+    (dkernel,) = kernel_vjp(g)
+    _, h, w, _ = x.shape
+    (sh, sw), ((ph, _), (pw, _)) = strides, padding
+    dx = jnp.zeros(x.shape, g.dtype)
+    for p in range(sh):
+        rows, row_pad = _phase_taps(h, g.shape[1], kernel.shape[0], sh, ph, p)
+        for q in range(sw):
+            cols, col_pad = _phase_taps(w, g.shape[2], kernel.shape[1], sw, pw, q)
+            if row_pad is None or col_pad is None or p >= h or q >= w:
+                continue  # no tap reaches this phase: its gradient is zero
+            taps = kernel[np.ix_(rows, cols)][::-1, ::-1].swapaxes(2, 3)
+            dx = dx.at[:, p::sh, q::sw, :].set(_conv_stride1(g, taps, (row_pad, col_pad)))
+    return dx, dkernel
+
+
+_conv_phase_input_grad.defvjp(_conv_phase_input_grad_forward, _conv_phase_input_grad_backward)
