@@ -164,13 +164,17 @@ _max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class Conv(nn.Module):
-    """``nn.Conv`` (same ``kernel``/``bias`` params, HWIO) with two shortcuts for the tiny
-    feature maps small images leave in the last stages:
+    """``nn.Conv`` (same ``kernel``/``bias`` params, HWIO) with routes around XLA:CPU's slow
+    paths (each measured and parity-tested; docs/benchmarks.md):
 
     * a 1x1 map under a "same"-padded kxk kernel only meets the centre tap: one matmul;
     * XLA:CPU has a performance cliff for kxk convolutions (k > 1) over 2x2..2x3 maps
-      (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel
-      (measured; see docs/benchmarks.md), so on CPU those maps take the matmul route.
+      (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel,
+      so on CPU those maps take the matmul route;
+    * the kernel gradient of a stride-1 kxk convolution over a large map as k*k matmuls
+      (``_conv_tap_kernel_grad``);
+    * the input gradient of a strided kxk convolution over a map of at most 4x4 as one
+      stride-1 convolution per output phase (``_conv_phase_input_grad``).
     """
 
     features: int
