@@ -283,9 +283,12 @@ def test_each_process_decodes_only_its_rows_of_every_batch(runs, strategy):
 STEPS_PER_EPOCH = TRAIN_SIZE // BATCH
 
 
-def start_into_the_second_epoch(digits_folder: Path, env: dict, run: Path) -> list[subprocess.Popen]:
-    """Two processes training `full` into ``run``, returned once they are a few steps past the
-    first epoch's checkpoint."""
+def start_into_the_second_epoch(digits_folder: Path, base_env: dict,
+                                tmp_path: Path) -> tuple[Path, dict, list[subprocess.Popen]]:
+    """Two processes training `full` into ``tmp_path/run`` with a cache of their own: (the run,
+    their environment, the processes), once they are a few steps past the first epoch's checkpoint."""
+    run = tmp_path / "run"
+    env = _own_cache(base_env, tmp_path / "cache")
     procs = start(2, 1, ["--data", digits_folder, "--strategy", "full", *ARGS, "--out", run], env,
                   run.with_name("decodes"))
     deadline = time.time() + 300
@@ -293,7 +296,7 @@ def start_into_the_second_epoch(digits_folder: Path, env: dict, run: Path) -> li
         assert all(p.poll() is None for p in procs), finish(procs)
         assert time.time() < deadline, "the moment to interrupt never came"
         time.sleep(0.01)
-    return procs
+    return run, env, procs
 
 
 def resume_both_and_compare(run: Path, env: dict, stopped_at: int, expected: Path) -> None:
@@ -311,9 +314,7 @@ def resume_both_and_compare(run: Path, env: dict, stopped_at: int, expected: Pat
 
 def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterrupted_result(
         runs, digits_folder, base_env, tmp_path):
-    run = tmp_path / "run"
-    env = _own_cache(base_env, tmp_path / "cache")
-    procs = start_into_the_second_epoch(digits_folder, env, run)
+    run, env, procs = start_into_the_second_epoch(digits_folder, base_env, tmp_path)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
     survivor_code, survivor_err = finish(procs[:1], timeout=HEARTBEAT + 60)[0]
@@ -329,9 +330,7 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume_to_the_uninterru
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step_and_both_resume_to_the_uninterrupted_result(
         runs, digits_folder, base_env, tmp_path):
-    run = tmp_path / "run"
-    env = _own_cache(base_env, tmp_path / "cache")
-    procs = start_into_the_second_epoch(digits_folder, env, run)
+    run, env, procs = start_into_the_second_epoch(digits_folder, base_env, tmp_path)
     # what a scheduler sends before it kills; here to process 1 alone: process 0 learns of it at
     # the next step the two collect, and both checkpoint that step
     procs[1].send_signal(signal.SIGTERM)

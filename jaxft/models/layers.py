@@ -251,8 +251,12 @@ def _use_tap_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, 
             and x.size * x.dtype.itemsize >= TAP_KERNEL_GRAD_MIN_BYTES)
 
 
+def _strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, strides: tuple, padding: tuple) -> jnp.ndarray:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _conv_stride1(x: jnp.ndarray, kernel: jnp.ndarray, padding: tuple) -> jnp.ndarray:
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _strided_conv(x, kernel, (1, 1), padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -298,10 +302,6 @@ def _use_phase_input_grad(x: jnp.ndarray, kernel_size: tuple[int, int], strides:
     _, h, w, _ = x.shape
     return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and groups == 1 and max(kernel_size) > 1
             and max(strides) > 1 and not isinstance(padding, str) and h * w <= PHASE_INPUT_GRAD_MAX_CELLS)
-
-
-def _strided_conv(x, kernel, strides, padding):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
