@@ -10,6 +10,16 @@ before jaxft computed them carefully (docs/parity.md), its loss after 4 steps wa
 float64 where torch float32's was 2e-8. The judgement is test_optim's: jaxft within twice
 torch float32's distance from float64, or within a few float32 ulps.
 
+That same amplification makes one trajectory a lottery: the relative distance of a whole tensor
+is often one element's, an element whose gradient is within rounding of zero, and which way
+each float32 program rounds it is chance. Over six seeds, jaxft's worst tensor was past the bound
+on two seeds (once by 470x, an element torch float32 happened to round the right way) and torch
+float32 is as far out on others, while jaxft's step-1 gradients are closer to float64 than
+torch float32's on every tensor (docs/parity.md). So each case runs five seeds (the head's
+initialisation and the batch order) and judges, per step loss and per tensor, the median
+distance over them: two unlucky roundings cannot fail it, an error that most seeds share (a
+BatchNorm that loses digits) does.
+
 Cases: ``full`` (every BatchNorm in batch statistics) and ``partial:0.8`` under both policies
 (``torch``: frozen layers still normalise with batch statistics, as ``requires_grad=False`` in
 ``model.train()``; ``running``: frozen layers normalise with running statistics, as torch
@@ -34,24 +44,29 @@ from jaxft.parity import torch_adam_trajectory
 from test_optim import _distance, assert_no_further_than_torch
 
 STEPS, BATCH, LR = 4, 16, 2e-4
+SEEDS = range(5)
 CASES = [("full", "torch"), ("partial:0.8", "torch"), ("partial:0.8", "running")]
 
 
 @pytest.fixture(scope="module")
-def start(source_checkpoint, digits_5_9):
+def starts(source_checkpoint, digits_5_9):
+    """Per seed: the source checkpoint with a fresh head seeded by it, and STEPS batches drawn by it."""
     x, y = digits_5_9
-    order = np.random.default_rng(0).permutation(len(x))[:STEPS * BATCH].reshape(STEPS, BATCH)
-    batches = [(x[idx], y[idx]) for idx in order]
-    net = torchvision.models.resnet18(num_classes=5)
-    net.load_state_dict(torch.load(source_checkpoint, weights_only=True))
-    torch.manual_seed(0)
-    net.fc.reset_parameters()
-    return net.state_dict(), batches
+    source = torch.load(source_checkpoint, weights_only=True)
+    result = []
+    for seed in SEEDS:
+        order = np.random.default_rng(seed).permutation(len(x))[:STEPS * BATCH].reshape(STEPS, BATCH)
+        net = torchvision.models.resnet18(num_classes=5)
+        net.load_state_dict(source)
+        torch.manual_seed(seed)
+        net.fc.reset_parameters()
+        result.append((net.state_dict(), [(x[idx], y[idx]) for idx in order]))
+    return result
 
 
-@pytest.mark.parametrize("spec,policy", CASES)
-def test_adam_trajectory_through_batchnorm_matches_torch(start, spec, policy):
-    state, batches = start
+def trajectory_distances(state, batches, spec, policy) -> dict[str, tuple[float, float]]:
+    """jaxft's and torch float32's distances from torch float64 after STEPS Adam steps from
+    ``state``: every step's loss and every tensor that changed."""
     model = create_model("resnet18", num_classes=5)
     engine = Engine(model, from_torch("resnet18", state), parse_strategy(spec), OptimConfig("adam", lr=LR,
                     schedule="constant"), total_steps=STEPS, bn_policy=policy)
@@ -74,4 +89,12 @@ def test_adam_trajectory_through_batchnorm_matches_torch(start, spec, policy):
     distances.update({k: _distance(np.asarray(final[k], np.float64), final32[k], final64[k]) for k in changed})
     frozen = sum(v == FROZEN for v in jax.tree_util.tree_leaves(engine.labels))
     assert (frozen > 0) == (spec != "full")
-    assert_no_further_than_torch(distances)
+    return distances
+
+
+@pytest.mark.parametrize("spec,policy", CASES)
+def test_adam_trajectory_through_batchnorm_matches_torch(starts, spec, policy):
+    per_seed = [trajectory_distances(state, batches, spec, policy) for state, batches in starts]
+    assert all(d.keys() == per_seed[0].keys() for d in per_seed)
+    medians = {what: tuple(float(np.median([d[what][i] for d in per_seed])) for i in (0, 1)) for what in per_seed[0]}
+    assert_no_further_than_torch(medians)

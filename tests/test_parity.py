@@ -241,13 +241,12 @@ def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, 
         assert rel_l2(np.asarray(g, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 
-@pytest.mark.parametrize("hw,kernel,pad,cout", [((4, 4), 3, 1, 16), ((3, 4), 3, 1, 8), ((4, 4), 1, 0, 32),
-                                                 ((3, 3), 5, 2, 8)])
+@pytest.mark.parametrize("hw,kernel,pad,cout", [((4, 4), 3, 1, 16), ((3, 4), 3, 1, 8), ((3, 3), 5, 2, 8)])
 def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel, pad, cout):
     """Conv's route for strided convolutions over small maps (the input gradient as one stride-1
     convolution per output phase): the forward pass is XLA's convolution bit for bit, the kernel
     gradient XLA's too, and the input gradient is as close to torch float64 as torch float32 is
-    (within twice its distance, or 1e-6). Odd maps and a 1x1 kernel (phases no tap reaches)."""
+    (within twice its distance, or 1e-6). Odd maps and a 5x5 kernel."""
     from jaxft.models import layers
 
     gen = torch.Generator().manual_seed(11)
@@ -264,7 +263,7 @@ def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel,
     conv = layers.Conv(cout, (kernel, kernel), strides=(2, 2), padding=((pad, pad), (pad, pad)), use_bias=False)
     params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())}
     x_nhwc = jnp.asarray(nchw_to_nhwc(x))
-    assert layers._use_phase_input_grad(x_nhwc, (kernel, kernel), (2, 2), conv.padding, 1) == (kernel > 1)
+    assert layers._use_phase_input_grad(x_nhwc, (kernel, kernel), (2, 2), conv.padding, 1)
     y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), params, x_nhwc)
     p_grad, x_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
     xla = lambda p, v: jax.lax.conv_general_dilated(v, p["kernel"], (2, 2), conv.padding,  # noqa: E731
@@ -275,6 +274,37 @@ def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel,
                                                                    ["kernel"]))
     expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
     for got, e, t in zip((x_grad, p_grad["kernel"]), expected, torch32):
+        assert rel_l2(np.asarray(got, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
+
+
+@pytest.mark.parametrize("hw,stride", [((7, 7), 1), ((8, 8), 2), ((7, 5), 2), ((1, 1), 2)])
+def test_pointwise_conv_as_matmul_matches_float64_torch(hw, stride):
+    """Conv's route for unpadded 1x1 convolutions (a matmul over the strided map's pixels, which
+    resnet50's bottlenecks and every downsample take): the output, input gradient and kernel
+    gradient are as close to torch float64 as torch float32 is (within twice its distance, or
+    1e-6), on odd maps that a stride-2 kernel reads to their last row."""
+    from jaxft.models import layers
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 48, *hw, generator=gen)
+    weight = torch.randn(40, 48, 1, 1, generator=gen)
+    cotangent = torch.randn(*torch.nn.functional.conv2d(x, weight, stride=stride).shape, generator=gen)
+
+    def torch_results(dtype):
+        xt, wt = (t.to(dtype).requires_grad_(True) for t in (x, weight))
+        y = torch.nn.functional.conv2d(xt, wt, stride=stride)
+        y.backward(cotangent.to(dtype))
+        return [np.asarray(nchw_to_nhwc(r), np.float64) for r in (y.detach(), xt.grad)] + [
+            wt.grad.permute(2, 3, 1, 0).numpy().astype(np.float64)]
+
+    conv = layers.Conv(40, (1, 1), strides=(stride, stride), use_bias=False)
+    assert layers._use_pointwise_matmul(conv.kernel_size, conv.padding, 1)
+    params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())}
+    y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), params, jnp.asarray(nchw_to_nhwc(x)))
+    p_grad, x_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+    expected, torch32 = torch_results(torch.float64), torch_results(torch.float32)
+    for got, e, t in zip((y, x_grad, p_grad["kernel"]), expected, torch32):
+        assert got.shape == e.shape
         assert rel_l2(np.asarray(got, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 

@@ -13,7 +13,8 @@ own donated state chain; prints the median step of each and its ratio to eager t
 Variant syntax: words joined by '+': ``default`` (XLA's defaults), ``ynn=T1,T2`` (sets
 xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, DOT, INDIVIDUAL_DOT;
 ``ynn=`` turns YNN fusions off), ``bn=NAME``, ``tapgrad=0`` (``layers.Conv`` never takes its
-matmul route for the kernel gradient: XLA's convolution everywhere, as before that route).
+matmul route for the kernel gradient: XLA's convolution everywhere, as before that route),
+``pointwise=0`` (1x1 convolutions as XLA's convolution, as before they became matmuls).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parse_variant(text: str) -> tuple[dict, str]:
                 f"LIBRARY_FUSION_TYPE_{v.strip().upper()}" for v in value.split(",") if v.strip())
         elif key == "bn":
             bn = value
+        elif key == "pointwise":  # pointwise=0: 1x1 convolutions as XLA's convolution, not matmuls
+            options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
         else:
@@ -72,11 +75,13 @@ def main() -> None:
              "label": rng.integers(0, 10, args.batch_size)}
     runners = {}
     default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
+    use_pointwise = layers._use_pointwise_matmul
     for text in args.variants:
         options, bn = parse_variant(text)
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
         layers.TAP_KERNEL_GRAD_MIN_BYTES = float("inf") if options.pop("_tapgrad", "1") == "0" else default_min_bytes
+        layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
         engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
                         OptimConfig("adam", lr=1e-4), bn_policy="torch")
         state, placed, halted, settings = engine.step_arguments(batch)
@@ -89,6 +94,7 @@ def main() -> None:
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
+    layers._use_pointwise_matmul = use_pointwise
 
     def run(name: str) -> float:
         r = runners[name]
