@@ -95,7 +95,7 @@ def main() -> None:
     for kind, ns in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {ns / 1e6 / args.steps:.0f} | {ns / max(total, 1):.0%} |")  # thread-ms
     print("\ntop operations:")
-    for name, ns in sorted(by_op.items(), key=lambda kv: -kv[1])[:10]:
+    for name, ns in sorted(by_op.items(), key=lambda kv: -kv[1])[:int(__import__("os").environ.get("TOP", 10))]:
         print(f"  {ns / 1e6 / args.steps:8.1f} ms  {name}")
 
 

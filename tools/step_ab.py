@@ -57,7 +57,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
         else:
-            options[key] = value
+            options[key] = {"true": True, "false": False}.get(value, value)
     return options, bn
 
 
