@@ -52,7 +52,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
                 f"LIBRARY_FUSION_TYPE_{v.strip().upper()}" for v in value.split(",") if v.strip())
         elif key == "bn":
             bn = value
-        elif key == "pointwise":  # pointwise=0: 1x1 convolutions as XLA's convolution, not matmuls
+        elif key == "pointwise":  # pointwise=0: stride-1 1x1 convolutions as XLA's convolution, not matmuls
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
