@@ -54,6 +54,7 @@ def main() -> None:
     parser = step_parser(__doc__)
     parser.add_argument("--bn-policy", default="torch")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=10, help="how many of the most expensive operations to list")
     args = parser.parse_args()
 
     model = create_model(args.arch, num_classes=10)
@@ -95,7 +96,7 @@ def main() -> None:
     for kind, ns in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {ns / 1e6 / args.steps:.0f} | {ns / max(total, 1):.0%} |")  # thread-ms
     print("\ntop operations:")
-    for name, ns in sorted(by_op.items(), key=lambda kv: -kv[1])[:int(__import__("os").environ.get("TOP", 10))]:
+    for name, ns in sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {ns / 1e6 / args.steps:8.1f} ms  {name}")
 
 
