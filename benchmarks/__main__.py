@@ -90,7 +90,8 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
         note=f"Adam, {setup.describe()}. jaxft `Engine.train_step` (BatchNorm policy `torch`) against PyTorch "
              "(`requires_grad=False` freezing, `torch.optim.Adam`); GFLOP/s from XLA's cost analysis of the step, "
              "as a share of the matmul peak above; loss rel diff: the first step from identical weights. Each "
-             "step takes its batch from host memory on both sides (jaxft places it, torch `.to(device)`).")
+             "step takes its batch from host memory as its training loop does: torch float32 (`ToTensor` + "
+             "`Normalize` on the host, `.to(device)`), jaxft uint8 normalised on the device.")
     return section, results, failures
 
 

@@ -4,9 +4,12 @@ One train step = forward, backward of what trains, Adam update. jaxft runs ``Eng
 with BatchNorm policy ``torch``; PyTorch freezes with ``requires_grad=False`` (the tutorials'
 way) and runs ``model.train()``, eager and, where it works, ``torch.compile``. So both
 frameworks compute the same step, and the first step's loss from identical weights is
-compared. Both take the batch from host memory each step, as training does (on a GPU the
-host-to-device copy is part of the step's cost; it used to be charged to jaxft alone). VGG runs without dropout: the two frameworks draw different masks, which would
-make that loss incomparable, and dropout costs next to nothing.
+compared. Both take the batch from host memory each step in the form their training loop
+gives it: the PyTorch recipe's DataLoader float32 (``ToTensor`` + ``Normalize`` on the host,
+``.to(device)`` in the loop), jaxft's loader uint8, normalised on the device (a quarter of the
+bytes to copy: on a GPU the copy is part of the step's cost). VGG runs without dropout: the two
+frameworks draw different masks, which would make that loss incomparable, and dropout costs next
+to nothing.
 
 Inference = the eval-mode forward: a jitted ``model.apply(train=False)`` against torch's
 ``eval()`` under ``inference_mode``, logits compared.
@@ -35,6 +38,7 @@ from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
 from jaxft.parity import freeze_like, rel_l2
 from jaxft.pretrained import init_variables
+from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-4
@@ -91,8 +95,13 @@ def model_kwargs(arch: str) -> dict:
 
 
 def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random uint8 pixels, as each framework's loader sends them: ``image`` float32, normalised on
+    the host (the PyTorch recipe's ``ToTensor`` + ``Normalize``), ``pixels`` the uint8 images that
+    jaxft's loader sends and its step normalises on the device."""
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+    pixels = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+    mean, std = (np.asarray(v, np.float32) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return {"image": (pixels.astype(np.float32) / 255 - mean) / std, "pixels": pixels,
             "label": rng.integers(0, NUM_CLASSES, batch_size)}
 
 
@@ -162,8 +171,8 @@ def torch_train_step(model: torch.nn.Module, trainable: list, batch: dict, setup
     optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
     model.train()
     forward = torch.compile(model) if compile_model else model
-    # The batch starts in host memory on both sides, as in training: jaxft's step places it on the
-    # device each time, and the recipe's loop does `inputs.to(device)` (a no-op on the CPU).
+    # The batch starts in host memory, as in training: the recipe's loop does `inputs.to(device)`
+    # (a no-op on the CPU).
     x_host = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
     y_host = torch.from_numpy(batch["label"])
 
@@ -188,12 +197,16 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
     variables = init_variables(model)
     batch = random_batch(setup.batch_size, size)
+    # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
+    # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
+    jax_batch = {"image": batch["pixels"], "label": batch["label"]}
     # One device, like the one torch uses: the comparison is per chip, not of data parallelism.
     engine = Engine(model, variables, parse_strategy(strategy), OptimConfig("adam", lr=LEARNING_RATE),
-                    bn_policy="torch", mesh=data_mesh(jax.devices(setup.device)[:1]))
+                    bn_policy="torch", mesh=data_mesh(jax.devices(setup.device)[:1]),
+                    normalization=(IMAGENET_MEAN, IMAGENET_STD))
 
     def jax_step() -> float:
-        metrics = engine.train_step(batch)
+        metrics = engine.train_step(jax_batch)
         jax.block_until_ready(engine.state)  # the step may return before the device is done
         return float(metrics["loss_sum"]) / float(metrics["count"])
 
@@ -220,10 +233,10 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     timed = engine.compiled_train_step._cache_size()
     torch.compiler.reset()  # compiled graphs hold their model: free it before the next row
 
-    memory = engine.compiled_train_step.lower(*engine.step_arguments(batch)).compile().memory_analysis()
+    memory = engine.compiled_train_step.lower(*engine.step_arguments(jax_batch)).compile().memory_analysis()
     return TrainResult(
         arch=arch, strategy=strategy, size=size, seconds=seconds, compile_failure=compile_failure,
-        jax_loss=first_losses["jaxft"], torch_loss=first_losses["torch eager"], flops=step_flops(engine, batch),
+        jax_loss=first_losses["jaxft"], torch_loss=first_losses["torch eager"], flops=step_flops(engine, jax_batch),
         jax_state_bytes=engine.optimizer_state_bytes(), torch_state_bytes=torch_state_bytes(eager_optimizer),
         argument_bytes=getattr(memory, "argument_size_in_bytes", None),
         temp_bytes=getattr(memory, "temp_size_in_bytes", None), compilations=(warm, timed))
