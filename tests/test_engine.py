@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from jaxft import create_model, from_torch, to_torch
 from jaxft.engine import Engine, NonFiniteLossError
 from jaxft.freeze import FROZEN, StrategyError, parse_strategy, stages
 from jaxft.optim import OptimConfig
-from jaxft.parity import freeze_like, rel_l2
+from jaxft.parity import freeze_like
 from jaxft.pretrained import init_variables
+
+from test_optim import _distance, assert_no_further_than_torch
 
 STRATEGIES = ["full", "head", "body", "partial:0.8", "regex:layer4_.*=trainable;fc/.*=trainable;rest=frozen",
               "gradual"]
@@ -73,38 +76,50 @@ def test_frozen_leaves_and_statistics_stay_bit_identical(resnet18_setup, spec, b
 
 @pytest.mark.parametrize("spec", ["full", "head", "partial:0.8"])
 def test_sgd_training_matches_pytorch_step_by_step(spec, source_checkpoint, digits_5_9):
-    """Same converted weights and batches, SGD with momentum and weight decay, BatchNorm as torch."""
+    """Same converted weights and batches, SGD with momentum and weight decay, BatchNorm as torch:
+    the 5 steps' losses and every tensor after them no further from a float64 torch run than torch
+    float32 is (test_optim's judgement). BatchNorm biases move by near-cancelling gradient sums
+    (docs/parity.md), so float32 alone puts torch and jaxft ~1e-3 apart on some; what jaxft owes is
+    to round no worse than torch, not to round where torch rounds."""
     x, y = digits_5_9
-    torch_model = torchvision.models.resnet18(num_classes=5)
-    torch_model.load_state_dict(torch.load(source_checkpoint, weights_only=True))
+    source = torchvision.models.resnet18(num_classes=5)
+    source.load_state_dict(torch.load(source_checkpoint, weights_only=True))
     torch.manual_seed(0)
-    torch_model.fc.reset_parameters()  # a fresh head for the new task, shared by both sides
+    source.fc.reset_parameters()  # a fresh head for the new task, shared by every run
     model = create_model("resnet18", num_classes=5)
-    variables = from_torch("resnet18", torch_model.state_dict())
+    variables = from_torch("resnet18", source.state_dict())
     strategy = parse_strategy(spec)
-    trainable = freeze_like(torch_model, model, strategy.labels(model, variables["params"]))
-    optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4)
     engine = Engine(model, variables, strategy, OptimConfig("sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
                     bn_policy="torch")
+    torch_runs = {}
+    for dtype in (torch.float32, torch.float64):
+        twin = copy.deepcopy(source).to(dtype).train()
+        trainable = freeze_like(twin, model, strategy.labels(model, variables["params"]))
+        torch_runs[dtype] = (twin, torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4))
 
-    torch_model.train()
+    losses = {"jaxft": [], torch.float32: [], torch.float64: []}
     for step in range(5):
         xb, yb = x[step * 16:(step + 1) * 16], y[step * 16:(step + 1) * 16]
-        loss = torch.nn.functional.cross_entropy(torch_model(torch.from_numpy(xb).permute(0, 3, 1, 2)),
-                                                 torch.from_numpy(yb))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        for dtype, (twin, optimizer) in torch_runs.items():
+            images = torch.from_numpy(xb).permute(0, 3, 1, 2).to(dtype)
+            loss = torch.nn.functional.cross_entropy(twin(images), torch.from_numpy(yb))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[dtype].append(loss.item())
         metrics = engine.train_step({"image": xb, "label": yb})
-        jax_loss = metrics["loss_sum"] / metrics["count"]
-        assert abs(jax_loss - loss.item()) <= 1e-4 * abs(loss.item()), f"step {step}: {jax_loss} vs {loss.item()}"
+        losses["jaxft"].append(metrics["loss_sum"] / metrics["count"])
 
-    # Every tensor after 5 steps. BatchNorm biases move by near-cancelling gradient sums
-    # (docs/parity.md), so float32 reduction order alone puts them ~2e-4 apart at worst.
+    # The losses as one trajectory: a single step's loss is one float32 number, which torch float32
+    # sometimes lands on by luck (3.7e-8 from float64 at one step, 1e-6 at the next).
+    distances = {"losses of the 5 steps": _distance(*(np.array(losses[run]) for run in
+                                                      ("jaxft", torch.float32, torch.float64)))}
     exported = to_torch("resnet18", engine.state.variables)
-    for key, value in torch_model.state_dict().items():
+    state32, state64 = (torch_runs[dtype][0].state_dict() for dtype in (torch.float32, torch.float64))
+    for key, value in state64.items():
         if not key.endswith("num_batches_tracked"):
-            assert rel_l2(exported[key].numpy(), value.numpy()) <= 1e-3, key
+            distances[key] = _distance(exported[key].numpy(), state32[key].numpy(), value.numpy())
+    assert_no_further_than_torch(distances)
 
 
 def test_head_optimizer_state_is_the_head_alone(resnet18_setup):

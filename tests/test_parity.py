@@ -277,28 +277,30 @@ def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel,
         assert rel_l2(np.asarray(got, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 
-@pytest.mark.parametrize("hw", [(7, 7), (8, 8), (7, 5), (1, 1)])
-def test_pointwise_conv_as_matmul_matches_float64_torch(hw):
-    """Conv's route for unpadded stride-1 1x1 convolutions (a matmul over the map's pixels, which
-    resnet50's bottleneck convolutions take): the output, input gradient and kernel gradient are
-    as close to torch float64 as torch float32 is (within twice its distance, or 1e-6), on odd,
-    even and 1x1 maps."""
+@pytest.mark.parametrize("hw,stride", [((7, 7), 1), ((8, 8), 1), ((7, 5), 1), ((1, 1), 1), ((8, 8), 2),
+                                       ((7, 5), 2), ((56, 56), 2)])
+def test_pointwise_conv_as_matmul_matches_float64_torch(hw, stride):
+    """Conv's route for unpadded 1x1 convolutions (a matmul over the strided map's pixels, which
+    resnet50's bottleneck convolutions and every ResNet downsample take): the output, input
+    gradient and kernel gradient are as close to torch float64 as torch float32 is (within twice
+    its distance, or 1e-6), on odd, even and 1x1 maps, stride 1 and 2 (odd maps: the last row or
+    column is read by no output, and its gradient must be zero)."""
     from jaxft.models import layers
 
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(4, 48, *hw, generator=gen)
     weight = torch.randn(40, 48, 1, 1, generator=gen)
-    cotangent = torch.randn(4, 40, *hw, generator=gen)
+    cotangent = torch.randn(4, 40, *((n + stride - 1) // stride for n in hw), generator=gen)
 
     def torch_results(dtype):
         xt, wt = (t.to(dtype).requires_grad_(True) for t in (x, weight))
-        y = torch.nn.functional.conv2d(xt, wt)
+        y = torch.nn.functional.conv2d(xt, wt, stride=stride)
         y.backward(cotangent.to(dtype))
         return [np.asarray(nchw_to_nhwc(r), np.float64) for r in (y.detach(), xt.grad)] + [
             wt.grad.permute(2, 3, 1, 0).numpy().astype(np.float64)]
 
-    conv = layers.Conv(40, (1, 1), use_bias=False)
-    assert layers._use_pointwise_matmul(conv.kernel_size, conv.strides, conv.padding, 1)
+    conv = layers.Conv(40, (1, 1), strides=(stride, stride), use_bias=False)
+    assert layers._use_pointwise_matmul(conv.kernel_size, conv.padding, 1)
     params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())}
     y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), params, jnp.asarray(nchw_to_nhwc(x)))
     p_grad, x_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))

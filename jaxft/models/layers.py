@@ -167,7 +167,7 @@ class Conv(nn.Module):
     """``nn.Conv`` (same ``kernel``/``bias`` params, HWIO) with routes around XLA:CPU's slow
     paths (each measured and parity-tested; docs/benchmarks.md):
 
-    * an unpadded stride-1 1x1 convolution is a matmul over the map's pixels
+    * an unpadded 1x1 convolution is a matmul over the (strided) map's pixels
       (``_pointwise_matmul``): on the CPU about twice as fast as XLA's convolution, gradients
       included;
     * a 1x1 map under a "same"-padded kxk kernel only meets the centre tap: one matmul;
@@ -199,8 +199,8 @@ class Conv(nn.Module):
                             self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         dims = ("NHWC", "HWIO", "NHWC")
-        if _use_pointwise_matmul(self.kernel_size, self.strides, self.padding, self.feature_group_count):
-            y = _pointwise_matmul(x, kernel)
+        if _use_pointwise_matmul(self.kernel_size, self.padding, self.feature_group_count):
+            y = _pointwise_matmul(x, kernel, tuple(self.strides))
         elif _center_tap_only(x.shape, self.kernel_size, self.padding, self.feature_group_count):
             # a 1x1 map padded by k//2: every other tap multiplies zeros; one matmul does it
             kh, kw = self.kernel_size
@@ -223,18 +223,19 @@ class Conv(nn.Module):
         return y
 
 
-def _use_pointwise_matmul(kernel_size: tuple[int, int], strides: tuple[int, int], padding: Any, groups: int) -> bool:
-    """Stride 1 only: the strided 1x1 downsamples as matmuls moved resnet18's SGD trajectory test
-    (tests/test_engine.py, against torch float32) just past its bound; they stay XLA's until that
-    is judged against float64 (docs/benchmarks.md)."""
-    return (jax.default_backend() == "cpu" and tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1)
-            and groups == 1 and not isinstance(padding, str) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)))
+def _use_pointwise_matmul(kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
+    return (jax.default_backend() == "cpu" and tuple(kernel_size) == (1, 1) and groups == 1
+            and not isinstance(padding, str) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)))
 
 
-def _pointwise_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """An unpadded stride-1 1x1 convolution (NHWC, HWIO) as one matmul: the map's pixels as rows
-    of an (N*H*W, C_in) matrix, times the kernel as (C_in, C_out). Its gradients are matmuls too
-    (the kernel's contracts over every pixel), and need no layout change in NHWC."""
+def _pointwise_matmul(x: jnp.ndarray, kernel: jnp.ndarray, strides: tuple[int, int]) -> jnp.ndarray:
+    """An unpadded 1x1 convolution (NHWC, HWIO) as one matmul: the strided map's pixels as rows of
+    an (N*H*W, C_in) matrix, times the kernel as (C_in, C_out). Its gradients are matmuls too (the
+    kernel's contracts over every pixel; the input's is scattered back onto every stride-th
+    pixel), and need no layout change in NHWC."""
+    sh, sw = strides
+    if (sh, sw) != (1, 1):
+        x = x[:, ::sh, ::sw, :]  # an unpadded 1x1 kernel reads only every stride-th pixel
     n, h, w, cin = x.shape
     return (x.reshape(-1, cin) @ kernel.reshape(cin, -1)).reshape(n, h, w, -1)
 
