@@ -14,7 +14,7 @@ Variant syntax: words joined by '+': ``default`` (XLA's defaults), ``ynn=T1,T2``
 xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, DOT, INDIVIDUAL_DOT;
 ``ynn=`` turns YNN fusions off), ``bn=NAME``, ``tapgrad=0`` (``layers.Conv`` never takes its
 matmul route for the kernel gradient: XLA's convolution everywhere, as before that route),
-``pointwise=0`` (stride-1 1x1 convolutions as XLA's convolution, as before they became matmuls).
+``pointwise=0`` (unpadded 1x1 convolutions as XLA's convolution, as before they became matmuls).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
                 f"LIBRARY_FUSION_TYPE_{v.strip().upper()}" for v in value.split(",") if v.strip())
         elif key == "bn":
             bn = value
-        elif key == "pointwise":  # pointwise=0: stride-1 1x1 convolutions as XLA's convolution, not matmuls
+        elif key == "pointwise":  # pointwise=0: unpadded 1x1 convolutions as XLA's convolution, not matmuls
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
