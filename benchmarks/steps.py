@@ -100,9 +100,17 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, n
     jaxft's loader sends and its step normalises on the device."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
-    mean, std = (np.asarray(v, np.float32) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (np.asarray(v, np.float32) for v in (IMAGENET_MEAN, IMAGENET_STD))  # torchvision's order
     return {"image": (pixels.astype(np.float32) / 255 - mean) / std, "pixels": pixels,
             "label": rng.integers(0, NUM_CLASSES, batch_size)}
+
+
+def bench_engine(model, variables: dict, strategy: str, device: str | None = None) -> Engine:
+    """jaxft's engine as the benchmarks run it: Adam, BatchNorm policy ``torch``, one device (the
+    comparison is per chip, not of data parallelism), uint8 batches normalised on the device."""
+    return Engine(model, variables, parse_strategy(strategy), OptimConfig("adam", lr=LEARNING_RATE),
+                  bn_policy="torch", mesh=data_mesh(jax.devices(device)[:1]),
+                  normalization=(IMAGENET_MEAN, IMAGENET_STD))
 
 
 def torch_twin(arch: str, variables: dict, setup: Setup) -> torch.nn.Module:
@@ -200,10 +208,7 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
     # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
     jax_batch = {"image": batch["pixels"], "label": batch["label"]}
-    # One device, like the one torch uses: the comparison is per chip, not of data parallelism.
-    engine = Engine(model, variables, parse_strategy(strategy), OptimConfig("adam", lr=LEARNING_RATE),
-                    bn_policy="torch", mesh=data_mesh(jax.devices(setup.device)[:1]),
-                    normalization=(IMAGENET_MEAN, IMAGENET_STD))
+    engine = bench_engine(model, variables, strategy, setup.device)
 
     def jax_step() -> float:
         metrics = engine.train_step(jax_batch)

@@ -91,10 +91,11 @@ def test_sgd_training_matches_pytorch_step_by_step(spec, source_checkpoint, digi
     strategy = parse_strategy(spec)
     engine = Engine(model, variables, strategy, OptimConfig("sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
                     bn_policy="torch")
+    labels = strategy.labels(model, variables["params"])
     torch_runs = {}
     for dtype in (torch.float32, torch.float64):
         twin = copy.deepcopy(source).to(dtype).train()
-        trainable = freeze_like(twin, model, strategy.labels(model, variables["params"]))
+        trainable = freeze_like(twin, model, labels)
         torch_runs[dtype] = (twin, torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4))
 
     losses = {"jaxft": [], torch.float32: [], torch.float64: []}

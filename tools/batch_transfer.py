@@ -16,13 +16,10 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.steps import LEARNING_RATE, NUM_CLASSES, model_kwargs, random_batch
-from jaxft.engine import Engine, data_mesh
-from jaxft.freeze import parse_strategy
+from benchmarks.steps import NUM_CLASSES, bench_engine, model_kwargs, random_batch
+from jaxft.engine import Engine
 from jaxft.models import create_model
-from jaxft.optim import OptimConfig
 from jaxft.pretrained import init_variables
-from jaxft.weights import IMAGENET_MEAN, IMAGENET_STD
 
 
 def ms_per_step(engine: Engine, batch: dict, wait_each_step: bool, steps: int) -> float:
@@ -47,8 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = create_model(args.arch, num_classes=NUM_CLASSES, **model_kwargs(args.arch))
-    engine = Engine(model, init_variables(model), parse_strategy(args.strategy), OptimConfig("adam", lr=LEARNING_RATE),
-                    bn_policy="torch", mesh=data_mesh(jax.devices()[:1]), normalization=(IMAGENET_MEAN, IMAGENET_STD))
+    engine = bench_engine(model, init_variables(model), args.strategy)
     batch = random_batch(args.batch_size, args.image_size)
     forms = {"float32": {"image": batch["image"], "label": batch["label"]},
              "uint8": {"image": batch["pixels"], "label": batch["label"]}}
