@@ -9,8 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.convert import (count_params, infer_num_classes, state_dict_to_variables, strip_prefix,
-                           torch_module_name, variables_to_state_dict)
+from jaxft.convert import count_params, head_state_dict, infer_num_classes, state_dict_to_variables, strip_prefix
 from jaxft.models import check_arch, create_model
 from jaxft.weights import WeightsMeta, resolve_state_dict
 
@@ -35,6 +34,15 @@ class PretrainedInfo:
 def init_variables(model: nn.Module, seed: int = 0, image_size: int = 32) -> dict[str, Any]:
     """Fresh variables initialised the way torchvision initialises the same model."""
     return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+
+def init_head(model: nn.Module, seed: int = 0) -> dict[str, Any]:
+    """The classifier's params (``params[model.head_name]``) exactly as :func:`init_variables`
+    draws them: Flax gives every layer its own random stream, derived from its path, so the
+    head's values do not depend on the rest. Only the head is computed: the rest of the jitted
+    init, unused, is dropped by XLA (the whole init of resnet18 or vgg16 draws every weight)."""
+    image = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, image)["params"][model.head_name])(jax.random.key(seed))
 
 
 def load_pretrained(
@@ -68,10 +76,9 @@ def load_pretrained(
     replaced: list[str] = []
     as_loaded = state_dict
     if new_head if new_head is not None else (source_classes is not None and source_classes != num_classes):
-        fresh = variables_to_state_dict(model, init_variables(model, seed))
-        head = torch_module_name((model.head_name,)) + "."
-        replaced = [k for k in fresh if k.startswith(head)]
-        state_dict = {**state_dict, **{k: fresh[k] for k in replaced}}
+        fresh = head_state_dict(model, init_head(model, seed))
+        replaced = list(fresh)
+        state_dict = {**state_dict, **fresh}
         meta.categories = None  # the new head's classes are the dataset's, not the checkpoint's
     # (a file without class names keeps none: 1000 outputs are not proof that they are ImageNet's)
     variables = state_dict_to_variables(model, state_dict, arch, as_loaded)

@@ -10,7 +10,9 @@
 * **Persistent compilation cache** under ``$JAXFT_CACHE/xla`` (default ``~/.cache/jaxft/xla``),
   so a second run of the same model and shapes loads its compiled steps instead of compiling
   them. Kept when the user set ``JAX_COMPILATION_CACHE_DIR`` (or the config option) themselves;
-  ``JAXFT_COMPILATION_CACHE=0`` turns it off.
+  ``JAXFT_COMPILATION_CACHE=0`` turns it off. jaxft also caches compilations from
+  ``CACHE_MIN_COMPILE_SECONDS`` up (JAX's default is 1 s), unless the user set
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or the option.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxft"
 
 
+# JAX caches only compilations of 1 s or more by default. An eval step of a small model or image
+# compiles in 0.3-0.5 s on the CPU (resnet18 at 64 px: 0.37 s, loaded from the cache in 0.05 s),
+# and a run compiles one per split; the few-millisecond jits of placing arrays stay out.
+CACHE_MIN_COMPILE_SECONDS = 0.2
+JAX_DEFAULT_MIN_COMPILE_SECONDS = 1.0
+
+
 def compilation_cache_dir() -> Path:
     return cache_dir() / "xla"
 
@@ -88,6 +97,9 @@ def enable_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> 
         return None
     directory = compilation_cache_dir()
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    if ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ
+            and jax.config.jax_persistent_cache_min_compile_time_secs == JAX_DEFAULT_MIN_COMPILE_SECONDS):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
     return directory
 
 

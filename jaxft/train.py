@@ -183,6 +183,15 @@ class InterruptFlag:
             signal.signal(number, previous)
 
 
+@dataclass
+class Evaluation:
+    """One pass over a split: the sums (``StepStats``), and every sample's label and prediction."""
+
+    stats: Any
+    labels: np.ndarray
+    predictions: np.ndarray
+
+
 def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
     """Loss/accuracy over every sample of ``loader``, with labels and predictions."""
     from jaxft.engine import StepStats
@@ -373,9 +382,11 @@ def resume_progress(parts: RunParts, cfg: TrainConfig, run_dir: Path, ckpts: Any
 
 def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: Callable[[str], None],
         quiet: bool, model_meta: dict[str, Any], changes: Optional[dict[str, tuple[Any, Any]]] = None,
-        callbacks: Sequence[Callback] = ()) -> Progress:
+        callbacks: Sequence[Callback] = ()) -> tuple[Progress, dict[int, Evaluation]]:
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
-    model in best/ (with ``model_meta``, model.json, as its header). Resumes from the latest
+    model in best/ (with ``model_meta``, model.json, as its header). Returns the progress and
+    the validation pass of the best epoch when this process ran it ({epoch: Evaluation}; empty
+    when the best epoch was trained before a resume). Resumes from the latest
     checkpoint when ``resume``, with ``changes`` ({setting: (old, new)}) to the run's
     configuration recorded at the step they take effect. Every record of metrics.jsonl also
     goes to ``callbacks`` (trackers, the tuner's pruner).
@@ -385,6 +396,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
+    from jaxft.data.pipeline import release_shared_batches
     from jaxft.distributed import is_multihost, largest_of_processes
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
@@ -392,6 +404,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     engine, steps_per_epoch, run_dir = parts.engine, parts.loader.steps_per_epoch, files.run_dir
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
+    best_val: dict[int, Evaluation] = {}
     iterator = iter(parts.loader)
     metrics_log: Any = None
     wall_mark = time.perf_counter()
@@ -519,11 +532,12 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                         save()
                         interval_mark = time.perf_counter()  # the wall time counts training, not saving
                 bar.close()
-                stats, _, _ = evaluate(engine, parts.val_loader)
+                stats, labels, predictions = evaluate(engine, parts.val_loader)
                 improved = stats.accuracy > progress.best()[1]
                 if improved:
                     files.best(lambda directory: save_variables(
                         directory, parts.full_variables(engine.state.variables), model_meta))
+                    best_val = {epoch + 1: Evaluation(stats, labels, predictions)}
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
                               "epoch_seconds": round(time.perf_counter() - epoch_start, 2)})
@@ -541,13 +555,19 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         if metrics_log is not None:
             metrics_log.close()
         ckpts.close()
-    return progress
+        del iterator
+        release_shared_batches()
+    return progress, best_val
 
 
-def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: Progress) -> dict[str, Any]:
-    """Evaluate the best model on val and test; write summary.json and the plots. Every process of
-    a multi-host job evaluates (each loads its rows of the batches) and reads best/ (the run
-    directory is on storage they share); process 0 writes."""
+def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: Progress,
+                 best_val: Optional[dict[int, Evaluation]] = None) -> dict[str, Any]:
+    """The best model on val and test; write summary.json and the plots. ``best_val``: the
+    validation pass the loop ran on the best epoch ({epoch: Evaluation}), reused as it is (the
+    evaluation is deterministic, and best/ holds those very variables); otherwise, and for test,
+    the model is read back from best/ and evaluated. Every process of a multi-host job evaluates
+    (each loads its rows of the batches) and reads best/ (the run directory is on storage they
+    share); process 0 writes."""
     import jax
 
     from jaxft.checkpoint import load_variables
@@ -558,9 +578,11 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
 
     engine, classes, spec, run_dir = parts.engine, parts.splits.classes, parts.strategy.spec, files.run_dir
     best_epoch = progress.best()[0]
-    best, _ = load_variables(run_dir / "best")
-    best = replicate(parts.engine_part(best), engine.mesh)
-    engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
+    evaluations = {"val": (best_val or {}).get(best_epoch)}
+    if evaluations["val"] is None or parts.test_loader is not None:
+        best, _ = load_variables(run_dir / "best")
+        best = replicate(parts.engine_part(best), engine.mesh)
+        engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
     last = progress.history[-1]
     summary: dict[str, Any] = {
         "run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data, "strategy": spec,
@@ -572,7 +594,8 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
     for name, loader in (("val", parts.val_loader), ("test", parts.test_loader)):
         if loader is None:
             continue
-        stats, labels, predictions = evaluate(engine, loader)
+        done = evaluations.get(name)
+        stats, labels, predictions = (done.stats, done.labels, done.predictions) if done else evaluate(engine, loader)
         matrix = confusion_matrix(labels, predictions, len(classes))
         summary[name] = {"loss": stats.loss, "accuracy": stats.accuracy, "samples": int(stats.count),
                          "per_class_accuracy": per_class_accuracy(matrix, classes),
@@ -622,8 +645,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Callable[[
         files.json("model.json", model_meta)
     trackers = [*trackers_for(cfg), *callbacks] if files.active else []
     try:
-        progress = fit(parts, cfg, files, resume, log, quiet, model_meta, changes, trackers)
-        summary = final_report(parts, cfg, files, progress)
+        progress, best_val = fit(parts, cfg, files, resume, log, quiet, model_meta, changes, trackers)
+        summary = final_report(parts, cfg, files, progress, best_val)
         for tracker in trackers:
             tracker.on_end(summary, run_dir)
     finally:

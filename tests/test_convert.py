@@ -16,6 +16,7 @@ import torchvision
 from jaxft.parity import torch_reference
 from jaxft import ConversionError, UnknownArchError, WeightsError, create_model, from_torch, load_pretrained, to_torch
 from jaxft.checkpoint import CheckpointError, load_variables, save_variables
+from jaxft.pretrained import init_variables
 from jaxft.weights import Preprocessing, cached_weights_path, sidecar_meta, weights_enum
 
 
@@ -322,6 +323,10 @@ def test_new_head_replaces_only_the_classifier(tmp_path, arch, head):
         assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
     else:  # torchvision VGG: N(0, 0.01) weights, zero bias
         assert weight.std() == pytest.approx(0.01, rel=0.05) and not bias.any()
+    # only the head is initialised, and it is the head the whole model's init draws for the seed
+    whole = init_variables(model, seed=1)["params"][model.head_name]
+    for name in ("kernel", "bias"):
+        assert np.array_equal(variables["params"][model.head_name][name], whole[name]), name
 
 
 def test_random_init_when_no_weights():

@@ -30,13 +30,19 @@ def f(x):
 f(jax.numpy.ones((64, 64))).block_until_ready()
 print(json.dumps({"XLA_FLAGS": os.environ.get("XLA_FLAGS"), "devices": len(jax.devices()),
                   "cache_dir": jax.config.jax_compilation_cache_dir,
+                  "min_compile_seconds": jax.config.jax_persistent_cache_min_compile_time_secs,
                   "hits": events.count("/jax/compilation_cache/cache_hits")}))
 """
 
 
-def probe(tmp_path, **env) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    environ.update(JAXFT_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)
+def probe(tmp_path, min_compile_seconds: str | None = "0", **env) -> dict:
+    """What a fresh interpreter that imports jaxft sees; ``min_compile_seconds``: the user's
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (None: unset)."""
+    unset = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    environ.update(JAXFT_CACHE=str(tmp_path / "cache"), **env)
+    if min_compile_seconds is not None:
+        environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = min_compile_seconds
     done = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -73,3 +79,6 @@ def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
     assert probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))["cache_dir"] == str(tmp_path / "mine")
     off = probe(tmp_path, JAXFT_COMPILATION_CACHE="0")
     assert off["cache_dir"] is None and off["hits"] == 0
+    # sub-second compilations (small eval steps) are cached too, unless the user says otherwise
+    assert first["min_compile_seconds"] == 0  # the user's, from the environment
+    assert probe(tmp_path, min_compile_seconds=None)["min_compile_seconds"] == jaxft.runtime.CACHE_MIN_COMPILE_SECONDS

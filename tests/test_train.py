@@ -31,6 +31,9 @@ def assert_run_outputs(run: Path, classes: int) -> dict:
         assert (run / "plots" / plot).stat().st_size > 5000  # a real image, not an empty file
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(summary["epochs"] + 1))
+    # the summary's val figures are the best epoch's pass (reused, not run again)
+    best = next(e for e in events if e["event"] == "epoch" and e["epoch"] == summary["best_epoch"])
+    assert (summary["val"]["loss"], summary["val"]["accuracy"]) == (best["val_loss"], best["val_accuracy"])
     assert {"config.json", "environment.json", "model.json"} <= {p.name for p in run.iterdir()}
     return summary
 

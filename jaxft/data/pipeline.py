@@ -18,7 +18,8 @@ pure function of (seed, epoch, position), so
 Training drops the last partial batch of each epoch by default: a smaller batch would
 compile the train step a second time and give BatchNorm a noisy small-batch estimate, and
 reshuffling means a different remainder is left out each epoch. Evaluation keeps every
-sample; its last batch may be smaller.
+sample; its last batch is padded to the full batch size with masked copies (mask 0), so the
+eval step is compiled for one shape, not two.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class _LoadBatch:
     batch_size: int
     steps_per_epoch: int
     share: BatchShare
+    pad_last: bool = False  # pad a smaller last batch to batch_size (masked)
 
     def load(self, position: int) -> tuple[np.ndarray, int]:
         n = len(self.split)
@@ -110,8 +112,8 @@ class _LoadBatch:
         n = len(self.split)
         epoch, j = divmod(k, self.steps_per_epoch)
         start = j * self.batch_size
-        size = min(self.batch_size, n - start)
-        first, end = self.share.rows(size)
+        size = min(self.batch_size, n - start)  # real samples; rows from size on are padding
+        first, end = self.share.rows(self.batch_size if self.pad_last else size)
         real = range(first, min(end, size))
         # a block of padding only (a small last batch over many processes) still needs a sample's shape
         samples = [self.load(epoch * n + start + r) for r in (real or range(1))]
@@ -122,6 +124,24 @@ class _LoadBatch:
             batch = {key: np.concatenate([value, np.repeat(value[:1], pad, axis=0)]) for key, value in batch.items()}
             batch["mask"][len(real):] = 0.0
         return batch
+
+
+def release_shared_batches() -> None:
+    """Free the shared memory of batches that worker processes handed over, once the iterator
+    that received them is dropped, and wait until it is freed.
+
+    grain unlinks a batch's shared memory when its array is collected, on a background thread;
+    arrays caught in reference cycles inside grain's iterators wait for the garbage collector.
+    Left to the interpreter's exit, a few are never unlinked, and multiprocessing's resource
+    tracker reports them as leaked at the end of every run with workers."""
+    import gc
+
+    from grain.multiprocessing import SharedMemoryArray
+
+    gc.collect()
+    deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)  # grain 0.2: one thread, in order
+    if deleter is not None:
+        deleter.apply(int)  # returns once every deletion queued before it has run
 
 
 def _owned(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,9 +189,11 @@ class Loader:
 
 def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *, shuffle: bool, seed: int = 0,
                 num_epochs: int = 1, drop_remainder: bool = False, num_workers: int = 0, num_threads: int = 1,
-                prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
+                prefetch: int = 2, share: BatchShare = BatchShare(), pad_last: bool = False) -> Loader:
     """The batches of ``split``. ``transform(image, rng)`` maps one sample (``transform.random``
     says whether it needs an rng; None passes samples through, e.g. cached features).
+    ``pad_last``: a smaller last batch (kept when not ``drop_remainder``) is padded to
+    ``batch_size`` with masked samples.
 
     ``num_workers`` processes (0: in this process) each build whole batches with
     ``num_threads`` threads, ``prefetch`` batches ahead. ``share``: the rows of each global
@@ -189,7 +211,7 @@ def make_loader(split: Split, transform: Optional[Transform], batch_size: int, *
     order = grain.MapDataset.range(n).shuffle(seed=_shuffle_seed(seed)) if shuffle else None
     steps = n // batch_size if drop_remainder else -(-n // batch_size)
     batches = grain.MapDataset.range(steps * num_epochs).map(
-        _LoadBatch(split, transform, seed, order, batch_size, steps, share))
+        _LoadBatch(split, transform, seed, order, batch_size, steps, share, pad_last))
     return Loader(batches, steps, num_epochs, num_workers, num_threads, prefetch)
 
 
@@ -204,6 +226,7 @@ def train_loader(split: Split, transform: Optional[Transform], batch_size: int, 
 
 def eval_loader(split: Split, transform: Optional[Transform], batch_size: int, *, num_workers: int = 0,
                 num_threads: int = 1, prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
-    """One pass in order, every sample kept (the last batch may be smaller)."""
+    """One pass in order, every sample kept; the last batch is padded to ``batch_size`` with
+    masked samples (``mask`` 0), so every batch has one shape and the eval step compiles once."""
     return make_loader(split, transform, batch_size, shuffle=False, num_workers=num_workers,
-                       num_threads=num_threads, prefetch=prefetch, share=share)
+                       num_threads=num_threads, prefetch=prefetch, share=share, pad_last=True)
