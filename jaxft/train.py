@@ -555,7 +555,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         if metrics_log is not None:
             metrics_log.close()
         ckpts.close()
-        del iterator
+        iterator = None  # grain's iterator holds the workers' last batches
         release_shared_batches()
     return progress, best_val
 
