@@ -53,7 +53,8 @@ def test_cats_vs_dogs_rgb_of_any_size():
             assert count == round(0.2 * counts[name])  # stratified
         _, eval_tf = transforms_for(Preprocessing(), image_size=24)
         batches = list(eval_loader(splits.val, eval_tf, 4))
-        assert sum(len(b["label"]) for b in batches) == len(splits.val)
+        assert sum(int(b["mask"].sum()) for b in batches) == len(splits.val)
+        assert {len(b["label"]) for b in batches} == {4}  # the last batch padded (masked) to the full size
     assert "tensorflow" not in sys.modules
 
 

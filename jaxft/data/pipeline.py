@@ -82,6 +82,12 @@ class BatchShare:
         per_process = -(-size // self.multiple) * self.multiple // self.count
         return self.index * per_process, (self.index + 1) * per_process
 
+    def every_device_real(self, real: int, size: int) -> bool:
+        """Whether a batch of ``size`` rows, ``real`` of them samples, gives every device (hence
+        every process) at least one real row: the last device's rows start before the padding."""
+        per_device = -(-size // self.multiple)
+        return (self.multiple - 1) * per_device < real
+
 
 @dataclass(frozen=True, eq=False)
 class _LoadBatch:
@@ -97,7 +103,7 @@ class _LoadBatch:
     batch_size: int
     steps_per_epoch: int
     share: BatchShare
-    pad_last: bool = False  # pad a smaller last batch to batch_size (masked)
+    pad_last: bool = False  # pad a smaller last batch to batch_size (masked), see __call__
 
     def load(self, position: int) -> tuple[np.ndarray, int]:
         n = len(self.split)
@@ -113,7 +119,11 @@ class _LoadBatch:
         epoch, j = divmod(k, self.steps_per_epoch)
         start = j * self.batch_size
         size = min(self.batch_size, n - start)  # real samples; rows from size on are padding
-        first, end = self.share.rows(self.batch_size if self.pad_last else size)
+        # pad_last: the whole batch size, for one compiled shape, unless a device would get padding
+        # only: a process of a multi-host job would then decode a sample not its own. (Decided by
+        # devices, not processes, so 2 processes x 1 device pad as 1 process x 2 devices do.)
+        full = self.pad_last and self.share.every_device_real(size, self.batch_size)
+        first, end = self.share.rows(self.batch_size if full else size)
         real = range(first, min(end, size))
         # a block of padding only (a small last batch over many processes) still needs a sample's shape
         samples = [self.load(epoch * n + start + r) for r in (real or range(1))]
@@ -227,6 +237,7 @@ def train_loader(split: Split, transform: Optional[Transform], batch_size: int, 
 def eval_loader(split: Split, transform: Optional[Transform], batch_size: int, *, num_workers: int = 0,
                 num_threads: int = 1, prefetch: int = 2, share: BatchShare = BatchShare()) -> Loader:
     """One pass in order, every sample kept; the last batch is padded to ``batch_size`` with
-    masked samples (``mask`` 0), so every batch has one shape and the eval step compiles once."""
+    masked samples (``mask`` 0), so every batch has one shape and the eval step compiles once
+    (unless a device would get padding only)."""
     return make_loader(split, transform, batch_size, shuffle=False, num_workers=num_workers,
                        num_threads=num_threads, prefetch=prefetch, share=share, pad_last=True)
