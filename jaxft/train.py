@@ -555,7 +555,8 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         if metrics_log is not None:
             metrics_log.close()
         ckpts.close()
-        iterator = None  # grain's iterator holds the workers' last batches
+        iterator.close()  # stops the workers and grain's threads, which hold batches they fetched
+        iterator = None
         release_shared_batches()
     return progress, best_val
 

@@ -529,8 +529,9 @@ if __name__ == "__main__":
     split = open_builtin("digits:5-9", val_fraction=0.2, seed=0).train
     iterator = iter(train_loader(split, None, 32, num_epochs=2, num_workers=2))
     print("batches", sum(1 for _ in iterator))
+    iterator.close()
     del iterator
-    if sys.argv[1] == "release":
+    if sys.argv[1] == "release":  # as jaxft.train does when its loop ends
         release_shared_batches()
 """
 

@@ -138,7 +138,7 @@ class _LoadBatch:
 
 def release_shared_batches() -> None:
     """Free the shared memory of batches that worker processes handed over, once the iterator
-    that received them is dropped, and wait until it is freed.
+    that received them is closed and dropped, and wait until it is freed.
 
     grain unlinks a batch's shared memory when its array is collected, on a background thread;
     arrays caught in reference cycles inside grain's iterators wait for the garbage collector.
