@@ -188,14 +188,17 @@ def test_conv_shortcuts_for_tiny_maps_match_torch(hw, kernel, stride):
     got = conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, nchw_to_nhwc(x))
     assert got.shape == expected.shape
     assert rel_l2(got, expected) <= 1e-6
-    # and the gradient with respect to the input (strided routes: XLA's own is a dilated convolution)
+    # and the gradients with respect to the input (strided routes: XLA's own is a dilated
+    # convolution) and to the kernel
     x.requires_grad_(True)
+    weight.requires_grad_(True)
     cotangent = torch.randn(expected.shape[0], 16, *expected.shape[1:3], generator=torch.Generator().manual_seed(8))
     (torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad) * cotangent).sum().backward()
-    _, vjp = jax.vjp(lambda v: conv.apply({"params": {"kernel": weight.permute(2, 3, 1, 0).numpy()}}, v),
-                     jnp.asarray(nchw_to_nhwc(x.detach())))
-    (grad,) = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
+    _, vjp = jax.vjp(lambda v, k: conv.apply({"params": {"kernel": k}}, v),
+                     jnp.asarray(nchw_to_nhwc(x.detach())), jnp.asarray(weight.detach().permute(2, 3, 1, 0).numpy()))
+    grad, kernel_grad = vjp(jnp.asarray(nchw_to_nhwc(cotangent)))
     assert rel_l2(grad, nchw_to_nhwc(x.grad)) <= 1e-6
+    assert rel_l2(kernel_grad, weight.grad.permute(2, 3, 1, 0).numpy()) <= 1e-6
 
 
 @pytest.mark.parametrize("hw,kernel,bias", [((9, 7), 3, True), ((12, 12), 3, False), ((8, 10), 5, True)])
