@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxft.data.pipeline import Transform, eval_loader
+from jaxft.data.pipeline import Transform, close_iterator, eval_loader
 from jaxft.data.split import ArrayStore, Split
 from jaxft.distributed import any_process, batch_share
 from jaxft.engine import data_mesh, pad_batch, replicate, shard_batch
@@ -147,13 +147,17 @@ def extract_features(model: nn.Module, variables: Mapping[str, Any], split: Spli
     on_mesh = replicate(variables, mesh)
     block = -(-batch_size // share.multiple) * share.multiple // share.count  # this process's rows of a batch
     chunks, labels = [], []
-    for batch in eval_loader(split, transform, block * share.count, num_workers=num_workers, share=share):
-        # the last, smaller batch padded too: each process's block ends in its padding, and the
-        # blocks follow each other in the order of the split
-        padded, _ = pad_batch(batch, block)
-        features, batch_labels, mask = (np.asarray(x) for x in forward(on_mesh, shard_batch(padded, mesh)))
-        chunks.append(features[mask > 0])
-        labels.append(batch_labels[mask > 0])
+    batches = iter(eval_loader(split, transform, block * share.count, num_workers=num_workers, share=share))
+    try:
+        for batch in batches:
+            # the last, smaller batch padded too: each process's block ends in its padding, and the
+            # blocks follow each other in the order of the split
+            padded, _ = pad_batch(batch, block)
+            features, batch_labels, mask = (np.asarray(x) for x in forward(on_mesh, shard_batch(padded, mesh)))
+            chunks.append(features[mask > 0])
+            labels.append(batch_labels[mask > 0])
+    finally:
+        close_iterator(batches)
     features, labels = np.concatenate(chunks).astype(np.float32), np.concatenate(labels).astype(np.int32)
     _save(path, features, labels)
     return Features(features, labels, split.classes, key, from_cache=False)

@@ -192,7 +192,7 @@ class Evaluation:
     predictions: np.ndarray
 
 
-def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
+def evaluate(engine, loader) -> Evaluation:
     """Loss/accuracy over every sample of ``loader``, with labels and predictions."""
     from jaxft.engine import StepStats
 
@@ -202,7 +202,7 @@ def evaluate(engine, loader) -> tuple[Any, np.ndarray, np.ndarray]:
         stats.add(metrics)
         labels.append(metrics["labels"])  # the whole batch's: in a multi-host job this process loaded a part
         predictions.append(metrics["predictions"])
-    return stats, np.concatenate(labels), np.concatenate(predictions)
+    return Evaluation(stats, np.concatenate(labels), np.concatenate(predictions))
 
 
 def resolve_weights(cfg: TrainConfig, log: Callable[[str], None]) -> Any:
@@ -382,11 +382,11 @@ def resume_progress(parts: RunParts, cfg: TrainConfig, run_dir: Path, ckpts: Any
 
 def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: Callable[[str], None],
         quiet: bool, model_meta: dict[str, Any], changes: Optional[dict[str, tuple[Any, Any]]] = None,
-        callbacks: Sequence[Callback] = ()) -> tuple[Progress, dict[int, Evaluation]]:
+        callbacks: Sequence[Callback] = ()) -> tuple[Progress, Optional[Evaluation]]:
     """The epoch loop: train steps, logs, checkpoints, evaluation after every epoch, the best
     model in best/ (with ``model_meta``, model.json, as its header). Returns the progress and
-    the validation pass of the best epoch when this process ran it ({epoch: Evaluation}; empty
-    when the best epoch was trained before a resume). Resumes from the latest
+    the validation pass of the best epoch when this process ran it (None when the best epoch was
+    trained before a resume: an epoch that beats every earlier one is the run's best so far). Resumes from the latest
     checkpoint when ``resume``, with ``changes`` ({setting: (old, new)}) to the run's
     configuration recorded at the step they take effect. Every record of metrics.jsonl also
     goes to ``callbacks`` (trackers, the tuner's pruner).
@@ -396,7 +396,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
-    from jaxft.data.pipeline import release_shared_batches
+    from jaxft.data.pipeline import close_iterator
     from jaxft.distributed import is_multihost, largest_of_processes
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
@@ -404,7 +404,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     engine, steps_per_epoch, run_dir = parts.engine, parts.loader.steps_per_epoch, files.run_dir
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep)
     progress = Progress()
-    best_val: dict[int, Evaluation] = {}
+    best_val: Optional[Evaluation] = None
     iterator = iter(parts.loader)
     metrics_log: Any = None
     wall_mark = time.perf_counter()
@@ -454,7 +454,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                    "changes": {k: {"from": old, "to": new} for k, (old, new) in (changes or {}).items()}})
         wall_mark = time.perf_counter()  # the wall time counts training, not setting up or restoring
         if not resume:
-            stats, _, _ = evaluate(engine, parts.val_loader)
+            stats = evaluate(engine, parts.val_loader).stats
             record_epoch({"epoch": 0, "val_loss": stats.loss, "val_accuracy": stats.accuracy})
             log(f"before training: val loss {stats.loss:.4f}, accuracy {stats.accuracy:.4f}")
             wall_mark = time.perf_counter()
@@ -532,12 +532,13 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                         save()
                         interval_mark = time.perf_counter()  # the wall time counts training, not saving
                 bar.close()
-                stats, labels, predictions = evaluate(engine, parts.val_loader)
+                evaluation = evaluate(engine, parts.val_loader)
+                stats = evaluation.stats
                 improved = stats.accuracy > progress.best()[1]
                 if improved:
                     files.best(lambda directory: save_variables(
                         directory, parts.full_variables(engine.state.variables), model_meta))
-                    best_val = {epoch + 1: Evaluation(stats, labels, predictions)}
+                    best_val = evaluation
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
                               "epoch_seconds": round(time.perf_counter() - epoch_start, 2)})
@@ -555,16 +556,14 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         if metrics_log is not None:
             metrics_log.close()
         ckpts.close()
-        iterator.close()  # stops the workers and grain's threads, which hold batches they fetched
-        iterator = None
-        release_shared_batches()
+        close_iterator(iterator)
     return progress, best_val
 
 
 def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: Progress,
-                 best_val: Optional[dict[int, Evaluation]] = None) -> dict[str, Any]:
+                 best_val: Optional[Evaluation] = None) -> dict[str, Any]:
     """The best model on val and test; write summary.json and the plots. ``best_val``: the
-    validation pass the loop ran on the best epoch ({epoch: Evaluation}), reused as it is (the
+    validation pass the loop ran on the best epoch, reused as it is (the
     evaluation is deterministic, and best/ holds those very variables); otherwise, and for test,
     the model is read back from best/ and evaluated. Every process of a multi-host job evaluates
     (each loads its rows of the batches) and reads best/ (the run directory is on storage they
@@ -579,8 +578,7 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
 
     engine, classes, spec, run_dir = parts.engine, parts.splits.classes, parts.strategy.spec, files.run_dir
     best_epoch = progress.best()[0]
-    evaluations = {"val": (best_val or {}).get(best_epoch)}
-    if evaluations["val"] is None or parts.test_loader is not None:
+    if best_val is None or parts.test_loader is not None:
         best, _ = load_variables(run_dir / "best")
         best = replicate(parts.engine_part(best), engine.mesh)
         engine.state = engine.state.replace(params=best["params"], batch_stats=best.get("batch_stats", {}))
@@ -595,9 +593,9 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
     for name, loader in (("val", parts.val_loader), ("test", parts.test_loader)):
         if loader is None:
             continue
-        done = evaluations.get(name)
-        stats, labels, predictions = (done.stats, done.labels, done.predictions) if done else evaluate(engine, loader)
-        matrix = confusion_matrix(labels, predictions, len(classes))
+        evaluation = best_val if name == "val" and best_val is not None else evaluate(engine, loader)
+        stats = evaluation.stats
+        matrix = confusion_matrix(evaluation.labels, evaluation.predictions, len(classes))
         summary[name] = {"loss": stats.loss, "accuracy": stats.accuracy, "samples": int(stats.count),
                          "per_class_accuracy": per_class_accuracy(matrix, classes),
                          "confusion_matrix": matrix.tolist()}

@@ -522,24 +522,25 @@ def test_worker_processes_give_the_same_batches_and_resume(digits_splits):
 SHARED_BATCHES_SCRIPT = """
 import sys
 
-from jaxft.data.pipeline import release_shared_batches, train_loader
+from jaxft.data.pipeline import close_iterator, train_loader
 from jaxft.data.sources import open_builtin
 
 if __name__ == "__main__":
     split = open_builtin("digits:5-9", val_fraction=0.2, seed=0).train
     iterator = iter(train_loader(split, None, 32, num_epochs=2, num_workers=2))
     print("batches", sum(1 for _ in iterator))
-    iterator.close()
-    del iterator
-    if sys.argv[1] == "release":  # as jaxft.train does when its loop ends
-        release_shared_batches()
+    if sys.argv[1] == "release":  # as jaxft.train and feature extraction do when their loop ends
+        close_iterator(iterator)
+    else:  # grain's own close alone
+        iterator.close()
 """
 
 
 def test_worker_batches_leave_no_shared_memory_behind(tmp_path):
     """Workers hand batches over in shared memory; a run that ends must unlink all of it, or
     multiprocessing's resource tracker warns of leaked shared_memory objects at exit (it did,
-    after every jaxft.train run with workers). The control shows the warning without the release."""
+    after every jaxft.train run with workers). The control, grain's own close alone, shows the
+    warning."""
     script = tmp_path / "loader.py"
     script.write_text(SHARED_BATCHES_SCRIPT)
     runs = {how: subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=300)
@@ -548,4 +549,4 @@ def test_worker_batches_leave_no_shared_memory_behind(tmp_path):
         assert done.returncode == 0 and "batches 44" in done.stdout, (how, done.stderr[-2000:])
     assert "leaked shared_memory" not in runs["release"].stderr, runs["release"].stderr[-2000:]
     assert "leaked shared_memory" in runs["control"].stderr, (
-        "grain no longer leaves shared memory to the exit: release_shared_batches may be unneeded now")
+        "grain no longer leaves shared memory to the exit: close_iterator's collection may be unneeded now")

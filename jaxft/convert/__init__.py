@@ -259,23 +259,24 @@ def variables_to_state_dict(model: nn.Module, variables: Variables) -> "OrderedD
 
     state_dict: OrderedDict[str, np.ndarray] = OrderedDict()
     for collection, path in layout:
-        array = np.asarray(jax.device_get(flat[collection][path]), dtype=np.float32)
-        # a fresh, writable copy: torch.from_numpy shares memory and warns on read-only arrays
-        state_dict[flax_leaf_to_torch(path)] = np.array(_flax_to_torch_value(model, path, array), order="C")
+        state_dict[flax_leaf_to_torch(path)] = _torch_value(model, path, flat[collection][path])
         if path[-1] == "var":  # running_var is a BatchNorm's last buffer in torch's order
             state_dict[f"{torch_module_name(path[:-1])}.num_batches_tracked"] = np.zeros((), np.int64)
     return state_dict
 
 
+def _torch_value(model: nn.Module, path: tuple[str, ...], value: Any) -> np.ndarray:
+    """A Flax leaf as torch stores it: float32, torch's layout, and a fresh, writable copy
+    (torch.from_numpy shares memory and warns on read-only arrays)."""
+    array = np.asarray(jax.device_get(value), dtype=np.float32)
+    return np.array(_flax_to_torch_value(model, path, array), order="C")
+
+
 def head_state_dict(model: nn.Module, head_params: Mapping[str, Any]) -> "OrderedDict[str, np.ndarray]":
     """The torch entries (``fc.weight``, ``fc.bias``) of ``params[model.head_name]``, as
     :func:`variables_to_state_dict` writes them."""
-    entries: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name in ("kernel", "bias"):
-        path = (model.head_name, name)
-        array = np.asarray(jax.device_get(head_params[name]), dtype=np.float32)
-        entries[flax_leaf_to_torch(path)] = np.array(_flax_to_torch_value(model, path, array), order="C")
-    return entries
+    return OrderedDict((flax_leaf_to_torch((model.head_name, name)),
+                        _torch_value(model, (model.head_name, name), head_params[name])) for name in ("kernel", "bias"))
 
 
 def infer_num_classes(arch: str, state_dict: Mapping[str, Any]) -> Optional[int]:

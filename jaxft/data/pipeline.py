@@ -136,18 +136,19 @@ class _LoadBatch:
         return batch
 
 
-def release_shared_batches() -> None:
-    """Free the shared memory of batches that worker processes handed over, once the iterator
-    that received them is closed and dropped, and wait until it is freed.
+def close_iterator(iterator: grain.DatasetIterator) -> None:
+    """Close a loader's iterator (its worker processes and grain's threads) and free the shared
+    memory of the batches its workers handed over, waiting until it is freed.
 
     grain unlinks a batch's shared memory when its array is collected, on a background thread;
     arrays caught in reference cycles inside grain's iterators wait for the garbage collector.
     Left to the interpreter's exit, a few are never unlinked, and multiprocessing's resource
-    tracker reports them as leaked at the end of every run with workers."""
+    tracker reported them as leaked at the end of every run with workers."""
     import gc
 
     from grain.multiprocessing import SharedMemoryArray
 
+    iterator.close()
     gc.collect()
     deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)  # grain 0.2: one thread, in order
     if deleter is not None:
