@@ -396,7 +396,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     from tqdm import tqdm
 
     from jaxft.checkpoint import RunCheckpoints, save_variables
-    from jaxft.data.pipeline import close_iterator
+    from jaxft.data.pipeline import close_iterator, start_workers
     from jaxft.distributed import is_multihost, largest_of_processes
     from jaxft.engine import NonFiniteLossError, StepStats
     from jaxft.freeze import describe
@@ -446,6 +446,8 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
             log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
                 f"step {progress.step_in_epoch}/{steps_per_epoch})"
                 + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
+        if progress.global_step < len(parts.loader):
+            start_workers(iterator)  # they start up during the first val pass, not the first steps
         metrics_log = files.open_metrics()
         for callback in callbacks:
             callback.on_start(cfg, run_dir, progress.global_step, progress.history)

@@ -1,8 +1,9 @@
 """Where weights come from: torchvision weights names, checkpoint files, modules, state_dicts.
 
 Resolves a source to a torch state_dict plus the metadata users need (class names and the
-preprocessing of that weights version). Files are read with ``torch.load(weights_only=True)``
-or safetensors only: nothing here unpickles arbitrary objects. The only network access is
+preprocessing of that weights version). Files are read with ``torch.load(weights_only=True)``,
+with ``jaxft.pth_reader`` (the subset of what that reads, without importing torch) or with
+safetensors only: nothing here unpickles arbitrary objects. The only network access is
 torchvision's own download of a weights file the user asked for by name.
 """
 
@@ -147,6 +148,11 @@ def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{path} is not a readable safetensors file ({exc}); truncated or corrupt?") from exc
 
+    from jaxft.pth_reader import read_pth
+
+    obj = read_pth(path)  # the common case without importing torch (~1.8 s of a run's start)
+    if obj is not None:
+        return _unwrap(obj, path)
     import torch
 
     try:

@@ -155,6 +155,16 @@ def close_iterator(iterator: grain.DatasetIterator) -> None:
         deleter.apply(int)  # returns once every deletion queued before it has run
 
 
+def start_workers(iterator: grain.DatasetIterator) -> None:
+    """Start a loader's worker processes now rather than at the first batch (no-op without
+    workers). A worker is a spawned process that imports jaxft before its first batch (~1 s
+    each on two cores), and grain starts each one only when the batches reach its turn, so
+    without this the first steps of a run waited for them one after another. Call it after any
+    ``set_state``: the workers start from the iterator's position."""
+    iterator.get_state()  # grain's mp_prefetch creates its per-worker iterators here (lazily otherwise)
+    iterator.start_prefetch()
+
+
 def _owned(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: np.array(value) for key, value in batch.items()}
 
