@@ -62,7 +62,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(isinstance(n, int) and n >= 0 for n in size + stride)):
         raise _Unread("tensor shape")
-    if backward_hooks or (metadata is not None and metadata):
+    if backward_hooks or metadata:
         raise _Unread("tensor hooks or attributes")  # torch's weights_only refuses hooks too
     elements = storage.elements
     if 0 in size:
