@@ -148,10 +148,10 @@ def load_checkpoint_file(path: os.PathLike | str) -> Mapping[str, Any]:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{path} is not a readable safetensors file ({exc}); truncated or corrupt?") from exc
 
-    from jaxft.pth_reader import read_pth
+    from jaxft.pth_reader import NOT_READ, read_pth
 
     obj = read_pth(path)  # the common case without importing torch (~1.8 s of a run's start)
-    if obj is not None:
+    if obj is not NOT_READ:
         return _unwrap(obj, path)
     import torch
 

@@ -23,9 +23,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from jaxft.data import DataError, eval_loader, open_dataset, train_loader, transforms_for
-from jaxft.data.pipeline import close_iterator, start_workers
 from jaxft.data.folder import scan_folder
 from jaxft.data.images import load_rgb
+from jaxft.data.pipeline import close_iterator, start_workers
 from jaxft.data.split import stratified_split
 from jaxft.data.transforms import EvalTransform, TrainTransform, normalize, random_resized_crop_box
 from jaxft.weights import Preprocessing
@@ -530,22 +530,29 @@ def test_workers_start_before_the_first_batch_and_from_a_resumed_position(digits
     split = digits_splits.train.subset(np.arange(200), "train")
     in_process = train_loader(split, train_tf, 32, seed=0, num_epochs=2)
     workers = train_loader(split, train_tf, 32, seed=0, num_epochs=2, num_workers=2)
-    before = len(multiprocessing.active_children())
+    def grain_workers() -> int:
+        return sum(child.name.startswith("grain-") for child in multiprocessing.active_children())
+
+    before = grain_workers()
     iterator = iter(workers)
-    assert len(multiprocessing.active_children()) == before  # grain alone starts them at the first batches
-    start_workers(iterator)
-    deadline = time.monotonic() + 120  # grain starts them from background threads
-    while len(multiprocessing.active_children()) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(multiprocessing.active_children()) == before + 2  # both, before any batch was asked for
-    got = [next(iterator) for _ in range(3)]
-    state = iterator.get_state()
-    close_iterator(iterator)
+    try:
+        assert grain_workers() == before  # grain alone starts them at the first batches
+        start_workers(iterator)
+        deadline = time.monotonic() + 120  # grain starts them from background threads
+        while grain_workers() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert grain_workers() == before + 2  # both, before any batch was asked for
+        got = [next(iterator) for _ in range(3)]
+        state = iterator.get_state()
+    finally:
+        close_iterator(iterator)
     resumed = iter(workers)
-    resumed.set_state(state)
-    start_workers(resumed)
-    rest = list(resumed)
-    close_iterator(resumed)
+    try:
+        resumed.set_state(state)
+        start_workers(resumed)
+        rest = list(resumed)
+    finally:
+        close_iterator(resumed)
     assert len(got) + len(rest) == len(in_process)
     for k, batch in enumerate(got + rest):
         assert np.array_equal(batch["image"], in_process.dataset[k]["image"]), k

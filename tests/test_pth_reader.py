@@ -4,8 +4,10 @@ everything else is left to torch.load (its refusals and messages stay the refere
 from __future__ import annotations
 
 import collections
+import pickle
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import jax
@@ -15,7 +17,7 @@ import torch
 
 from jaxft import load_pretrained
 from jaxft.parity import torch_reference
-from jaxft.pth_reader import read_pth
+from jaxft.pth_reader import NOT_READ, read_pth
 
 
 def assert_same_as_torch(ours, theirs, where="checkpoint"):
@@ -62,7 +64,7 @@ def test_reads_a_training_checkpoint_as_torch_load_does(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save(checkpoint, path)
     ours = read_pth(path)
-    assert ours is not None
+    assert ours is not NOT_READ
     assert_same_as_torch(ours, torch.load(path, map_location="cpu", weights_only=True))
     assert ours["state_dict"]._metadata == state_dict._metadata  # the OrderedDict's attribute, as torch keeps it
     assert isinstance(ours["state_dict"], collections.OrderedDict)
@@ -79,8 +81,6 @@ def evil_zip(tmp_path):
 
             return (os.system, (f"touch {marker}",))
 
-    import pickle
-
     path = tmp_path / "evil.pth"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("evil/data.pkl", pickle.dumps({"fc.weight": RunsACommand()}, protocol=2))
@@ -92,14 +92,14 @@ def test_anything_else_is_left_to_torch_load(tmp_path, evil_zip):
     # a pickled module: a global beyond tensors (torch.load weights_only refuses it, with its message)
     module_file = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 3), module_file)
-    assert read_pth(module_file) is None
+    assert read_pth(module_file) is NOT_READ
     # torch's older, non-zip format: torch.load reads it
     legacy = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    assert read_pth(legacy) is None
+    assert read_pth(legacy) is NOT_READ
     # a call to os.system in the pickle: refused, and nothing ran
     path, marker = evil_zip
-    assert read_pth(path) is None and not marker.exists()
+    assert read_pth(path) is NOT_READ and not marker.exists()
     # garbage, an empty file, a cut archive
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(bytes(range(256)) * 4)
@@ -109,24 +109,67 @@ def test_anything_else_is_left_to_torch_load(tmp_path, evil_zip):
     torch.save({"w": torch.randn(1000)}, whole)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    assert read_pth(garbage) is None and read_pth(empty) is None and read_pth(cut) is None
+    assert read_pth(garbage) is NOT_READ and read_pth(empty) is NOT_READ and read_pth(cut) is NOT_READ
 
 
-def test_a_tensor_pointing_outside_its_storage_is_not_read(tmp_path):
-    """A crafted size/stride must not read memory beyond the storage's bytes."""
-    path = tmp_path / "ok.pth"
-    torch.save({"w": torch.arange(6, dtype=torch.float32)}, path)
-    with zipfile.ZipFile(path) as archive:
-        entries = {name: archive.read(name) for name in archive.namelist()}
-    name = next(n for n in entries if n.endswith("data.pkl"))
-    size = b"K\x06\x85"  # the tensor's size (6,) in the pickle: BININT1 6, TUPLE1
-    assert entries[name].count(size) == 1
-    entries[name] = entries[name].replace(size, b"K\x40\x85")  # claims 64 elements of a 6-element storage
-    crafted = tmp_path / "crafted.pth"
-    with zipfile.ZipFile(crafted, "w") as archive:
+def rewritten(tmp_path, source, name, edit=None, pickle_bytes=None, compress=zipfile.ZIP_STORED):
+    """``source``'s archive with its data.pkl edited (``edit(bytes)``) or replaced, and every
+    entry written with ``compress``."""
+    with zipfile.ZipFile(source) as archive:
+        entries = {entry: archive.read(entry) for entry in archive.namelist()}
+    pkl = next(entry for entry in entries if entry.endswith("/data.pkl"))
+    entries[pkl] = pickle_bytes if pickle_bytes is not None else edit(entries[pkl])
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", compression=compress) as archive:
         for entry, data in entries.items():
             archive.writestr(entry, data)
-    assert read_pth(path) is not None and read_pth(crafted) is None
+    return path
+
+
+def test_crafted_files_cannot_reach_beyond_their_data(tmp_path):
+    """Sizes, strides, compression and memo indexes a crafted file could use to read outside its
+    data or to allocate far more than it holds are refused."""
+    path = tmp_path / "ok.pth"
+    torch.save({"w": torch.arange(6, dtype=torch.float32)}, path)
+    assert read_pth(path) is not NOT_READ and read_pth(rewritten(tmp_path, path, "same.pth", bytes)) is not NOT_READ
+
+    def claim(size: bytes, stride: bytes):
+        def edit(data: bytes) -> bytes:
+            shape = b"K\x06\x85q\x08K\x01\x85"  # the pickle's size (6,) and stride (1,): BININT1, TUPLE1
+            assert data.count(shape) == 1
+            return data.replace(shape, b"K" + size + b"\x85q\x08K" + stride + b"\x85")
+        return edit
+
+    # 64 elements of a 6-element storage; 2 elements 10 apart in it; 200 elements at stride 0 (a
+    # view torch would keep, a copy here)
+    assert read_pth(rewritten(tmp_path, path, "long.pth", claim(b"\x40", b"\x01"))) is NOT_READ
+    assert read_pth(rewritten(tmp_path, path, "strided.pth", claim(b"\x02", b"\x0a"))) is NOT_READ
+    assert read_pth(rewritten(tmp_path, path, "inside.pth", claim(b"\x02", b"\x05")))["w"].tolist() == [0, 5]
+    assert read_pth(rewritten(tmp_path, path, "expanded.pth", claim(b"\xc8", b"\x00"))) is NOT_READ
+    # entries compressed (torch stores them): a small file could inflate into a large one
+    assert read_pth(rewritten(tmp_path, path, "deflated.pth", bytes, compress=zipfile.ZIP_DEFLATED)) is NOT_READ
+    # a memo index of 2**30 (LONG_BINPUT): no memory reserved for it, and it reads as torch would
+    memo = rewritten(tmp_path, path, "memo.pth", lambda d: d.replace(b"q\x08", b"r\x00\x00\x00\x40", 1))
+    assert_same_as_torch(read_pth(memo), torch.load(memo, weights_only=True))
+
+
+def test_only_torchs_weights_only_opcodes_and_state_are_read(tmp_path):
+    """Opcodes outside torch's weights-only set (a protocol-4 pickle, which torch refuses) are
+    not read; BUILD sets state on an OrderedDict only, so a file cannot change the reader's own
+    stand-ins for the files read after it."""
+    path = tmp_path / "protocol4.pth"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=4)
+    with pytest.raises(pickle.UnpicklingError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of the protocol before it refuses
+        torch.load(path, weights_only=True)
+    assert read_pth(path) is NOT_READ
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.tensor([1.5, -2.0])}, good)
+    # GLOBAL torch.FloatStorage, {"name": "IntStorage"}, BUILD: would make later floats read as ints
+    attack = (b"\x80\x02ctorch\nFloatStorage\nq\x00}q\x01X\x04\x00\x00\x00nameq\x02"
+              b"X\n\x00\x00\x00IntStorageq\x03sb.")
+    assert read_pth(rewritten(tmp_path, good, "build.pth", pickle_bytes=attack)) is NOT_READ
+    assert read_pth(good)["w"].tolist() == [1.5, -2.0]
 
 
 def test_pretrained_weights_from_a_pth_match_torch_loads_and_skip_importing_torch(source_checkpoint, tmp_path):

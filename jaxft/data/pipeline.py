@@ -156,12 +156,15 @@ def close_iterator(iterator: grain.DatasetIterator) -> None:
 
 
 def start_workers(iterator: grain.DatasetIterator) -> None:
-    """Start a loader's worker processes now rather than at the first batch (no-op without
-    workers). A worker is a spawned process that imports jaxft before its first batch (~1 s
-    each on two cores), and grain starts each one only when the batches reach its turn, so
-    without this the first steps of a run waited for them one after another. Call it after any
-    ``set_state``: the workers start from the iterator's position."""
-    iterator.get_state()  # grain's mp_prefetch creates its per-worker iterators here (lazily otherwise)
+    """Start a loader's worker processes now rather than at the first batch (without workers,
+    grain's threads start loading the first batches). A worker is a spawned process that
+    imports jaxft before its first batch (~1 s each on two cores), and grain starts each one only
+    when the batches reach its turn, so without this the first steps of a run waited for them
+    one after another. Call it after any ``set_state``: the workers start from the iterator's
+    position."""
+    # grain 0.2.18's mp_prefetch creates its per-worker iterators lazily, and get_state() is what
+    # creates them before the first batch (tests/test_data.py checks that both workers start)
+    iterator.get_state()
     iterator.start_prefetch()
 
 
