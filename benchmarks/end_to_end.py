@@ -35,13 +35,15 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks.process_memory import run_watched
+from benchmarks.report import Section
 
 ARCH = "resnet18"
 DATA = "digits:5-9"
@@ -86,6 +88,8 @@ class Job:
     trainable_params: int | None = None
     error: str | None = None
     started: float = 0.0  # time.time() at process start
+    peak_rss_mib: float | None = None  # the training process (benchmarks.process_memory)
+    peak_tree_pss_mib: float | None = None  # with its loader workers, sampled
 
     @property
     def trained(self) -> list[dict]:
@@ -184,16 +188,16 @@ def _write_start(source: Path, files: dict) -> None:
         atomic_write(path, lambda tmp, frozen=frozen: tmp.write_text(json.dumps(frozen)))
 
 
-def _run(cmd: list[str], log_path: Path, env: dict) -> tuple[float, float, str | None]:
-    """(time.time() at start, wall seconds, error or None), output to ``log_path``."""
-    started, start = time.time(), time.perf_counter()
+def _run(cmd: list[str], log_path: Path, env: dict, job: Job) -> None:
+    """Run ``cmd`` for ``job``, output to ``log_path``: its start, wall time, host memory and error, if any."""
+    job.started = time.time()
     with open(log_path, "w") as out:
-        rc = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - start
-    if rc:
+        watched = run_watched(cmd, out, env)
+    job.wall_seconds, job.peak_rss_mib, job.peak_tree_pss_mib = (
+        watched.wall_seconds, watched.peak_rss_mib, watched.peak_tree_pss_mib)
+    if watched.returncode:
         tail = log_path.read_text().strip().splitlines()[-5:]
-        return started, wall, f"exit {rc}: " + " / ".join(tail)
-    return started, wall, None
+        job.error = f"exit {watched.returncode}: " + " / ".join(tail)
 
 
 def run_jaxft(folder: Path, source: Path, spec: str, setup: dict, workdir: Path, device: str) -> Job:
@@ -206,7 +210,7 @@ def run_jaxft(folder: Path, source: Path, spec: str, setup: dict, workdir: Path,
     if device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"  # a GPU build must not take the accelerator in a CPU comparison
     job = Job("jaxft")
-    job.started, job.wall_seconds, job.error = _run(cmd, workdir / f"{run_dir.name}.log", env)
+    _run(cmd, workdir / f"{run_dir.name}.log", env, job)
     if job.error is None:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         job.history = [r for r in records if r.get("event") == "epoch"]
@@ -224,7 +228,7 @@ def run_torch(folder: Path, source: Path, spec: str, setup: dict, start: dict, w
     if spec in start["freeze"]:
         cmd += ["--freeze", str(start["freeze"][spec])]
     job = Job("torch")
-    job.started, job.wall_seconds, job.error = _run(cmd, out.with_suffix(".log"), dict(os.environ))
+    _run(cmd, out.with_suffix(".log"), dict(os.environ), job)
     if job.error is None:
         result = json.loads(out.read_text())
         job.history, job.trainable_params = result["history"], result["trainable_params"]
@@ -277,10 +281,29 @@ def compare(spec: str, jax_job: Job, torch_job: Job, margin: float) -> tuple[lis
     return row, failures
 
 
+MEMORY_HEADERS = ["strategy", "jaxft process peak MiB", "torch process peak MiB", "jaxft with workers MiB",
+                  "torch with workers MiB", "jaxft/torch with workers"]
+MEMORY_NOTE = ("Each job's host memory: the training process's peak resident set (the kernel's high-water mark), "
+               "and the peak over samples every 0.25 s of the proportional set size summed over the process and "
+               "its loader workers (shared pages counted once).")
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def memory_row(spec: str, jax_job: Job, torch_job: Job) -> list[str]:
+    ratio = (f"{jax_job.peak_tree_pss_mib / torch_job.peak_tree_pss_mib:.2f}"
+             if jax_job.peak_tree_pss_mib and torch_job.peak_tree_pss_mib else "-")
+    return [spec, _mib(jax_job.peak_rss_mib), _mib(torch_job.peak_rss_mib), _mib(jax_job.peak_tree_pss_mib),
+            _mib(torch_job.peak_tree_pss_mib), ratio]
+
+
 def run(quick: bool, device: str = "cpu", log: Callable[[str], None] = print,
-        strategies: Sequence[str] | None = None) -> tuple[list[str], list[list], list[str]]:
-    """(headers, rows, failures): one row per strategy, jaxft and the torch recipe side by side.
-    ``strategies`` picks some of the mode's (or others jaxft and the recipe both know)."""
+        strategies: Sequence[str] | None = None) -> tuple[list[Section], list[str]]:
+    """(the end-to-end table and its host-memory table, failures): one row per strategy, jaxft
+    and the torch recipe side by side. ``strategies`` picks some of the mode's (or others
+    jaxft and the recipe both know)."""
     from jaxft.source_checkpoint import ensure_source_checkpoint
 
     setup, margin = MODES[quick], MARGIN[quick]
@@ -290,7 +313,7 @@ def run(quick: bool, device: str = "cpu", log: Callable[[str], None] = print,
     log(f"end to end, {ARCH} from {source.name} on {folder.name}: {setup['image_size']} px, {setup['epochs']} epochs, "
         f"Adam lr {LR} constant, batch {BATCH_SIZE}, {WORKERS} loader workers, device {device}; "
         f"margin {margin:g} points")
-    rows, failures = [], []
+    rows, memory_rows, failures = [], [], []
     with tempfile.TemporaryDirectory(prefix="jaxft-e2e-") as tmp:
         workdir = Path(tmp)
         start = prepare_start(source, strategies, setup["image_size"], log)
@@ -305,8 +328,10 @@ def run(quick: bool, device: str = "cpu", log: Callable[[str], None] = print,
                                                  f"training): " + " ".join(_pct(r["val_accuracy"]) for r in job.history)))
             row, failed = compare(spec, jobs["jaxft"], jobs["torch"], margin)
             rows.append(row)
+            memory_rows.append(memory_row(spec, jobs["jaxft"], jobs["torch"]))
             failures += failed
-    return list(HEADERS), rows, failures
+    return [Section("End to end", HEADERS, rows), Section("End to end: host memory", MEMORY_HEADERS, memory_rows,
+                                                          note=MEMORY_NOTE)], failures
 
 
 def main() -> None:
@@ -315,10 +340,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or gpu (torch on cuda, JAX on its default backend)")
     parser.add_argument("--strategies", nargs="+", help="a subset (default: the mode's)")
     args = parser.parse_args()
-    from jaxft.report import markdown_table
+    from benchmarks.report import print_section
 
-    headers, rows, failures = run(args.quick, args.device, strategies=args.strategies)
-    print(markdown_table(headers, rows))
+    sections, failures = run(args.quick, args.device, strategies=args.strategies)
+    for section in sections:
+        print_section(section)
     for failure in failures:
         print(f"FAILED: {failure}")
     sys.exit(1 if failures else 0)

@@ -3,6 +3,7 @@ the doc writer replaces only its generated block."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report, steps
+from benchmarks import process_memory, report, steps
 
 BEGIN, END = report.BEGIN, report.END
 
@@ -48,6 +49,10 @@ def test_quick_benchmark_agrees_with_torch_and_compiles_once(env):
         warm, timed = row["compilations (warm -> timed)"].split(" -> ")
         assert warm == timed == "1", row
     assert "### Inference throughput" in result.stdout and "### Memory" in result.stdout
+    (memory,) = table_rows(result.stdout, "End to end: host memory")
+    for column in ("jaxft process peak MiB", "torch process peak MiB", "jaxft with workers MiB",
+                   "torch with workers MiB"):
+        assert 100 < float(memory[column].replace(",", "")) < 20_000, (column, memory)  # a Python runtime and a model
     assert [path.read_bytes() if path.exists() else None for path in outputs] == before  # --quick writes no doc
 
 
@@ -78,6 +83,36 @@ def test_doc_writer_refuses_a_lone_marker():
 def test_ratio_plot_is_a_png(tmp_path):
     path = report.plot_ratios([("resnet18 full 32px", 0.7), ("resnet18 head 32px", 1.3)], tmp_path / "ratios.png", "t")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+# A parent holding 300 MiB that starts a child holding 200 MiB, both for a second; each touches
+# its pages (bytes of a repeated pattern), so they are resident, not just reserved.
+HOLDER = """
+import subprocess, sys, time
+held = bytes(range(256)) * (4 * int(sys.argv[1]) * 1024)
+if len(sys.argv) > 2:
+    subprocess.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], check=True)
+else:
+    time.sleep(1.0)
+"""
+
+
+def test_process_memory_sees_the_process_peak_and_its_children(tmp_path):
+    with open(tmp_path / "out.log", "w") as out:
+        watched = process_memory.run_watched([sys.executable, "-c", HOLDER, "300", HOLDER, "200"], out,
+                                             dict(os.environ), interval=0.05)
+    assert watched.returncode == 0
+    # the parent's high-water mark: its 300 MiB and an interpreter (~10 MiB), not the child's 200
+    assert 300 <= watched.peak_rss_mib < 400, watched
+    # parent and child were resident together while the child slept
+    assert 500 <= watched.peak_tree_pss_mib < 650, watched
+
+
+def test_process_memory_reports_a_failing_command(tmp_path):
+    with open(tmp_path / "out.log", "w") as out:
+        watched = process_memory.run_watched([sys.executable, "-c", "import sys; print('no'); sys.exit(3)"], out,
+                                             dict(os.environ))
+    assert watched.returncode == 3 and (tmp_path / "out.log").read_text() == "no\n"
 
 
 def test_a_disagreeing_or_recompiling_step_is_a_failure():
