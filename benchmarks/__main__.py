@@ -30,6 +30,7 @@ import torch
 
 from benchmarks import end_to_end, report, steps
 from benchmarks.common import environment
+from jaxft import runtime
 
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 FULL = {"archs": ["resnet18", "resnet50", "vgg16"], "strategies": ["full", "partial:0.8", "head"],
@@ -92,7 +93,9 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
              "(`requires_grad=False` freezing, `torch.optim.Adam`); GFLOP/s from XLA's cost analysis of the step, "
              "as a share of the matmul peak above; loss rel diff: the first step from identical weights. Each "
              "step takes its batch from host memory as its training loop does: torch float32 (`ToTensor` + "
-             "`Normalize` on the host, `.to(device)`), jaxft uint8 normalised on the device.")
+             "`Normalize` on the host, `.to(device)`), jaxft uint8 normalised on the device. jaxft devices: one, "
+             "except where a `python -m jaxft.train` run would use the CPU as two (`head` steps over at least "
+             "200,000 pixels a batch: docs/engine.md), each with half the batch.")
     return section, results, failures
 
 
@@ -113,7 +116,7 @@ def memory_section(train: list[steps.TrainResult]) -> report.Section:
     return report.Section(
         "Memory", *steps.memory_table(train),
         note="Optimizer state held by each framework (frozen leaves carry none), and the compiled jaxft step's "
-             "argument and temporary buffers from XLA's memory analysis. Host memory is per process and only "
+             "argument and temporary buffers from XLA's memory analysis (summed over its devices). Host memory is per process and only "
              "grows, so it says nothing per row here; each end-to-end job's is in its own table.")
 
 
@@ -124,6 +127,7 @@ def end_to_end_sections(quick: bool, device: str) -> tuple[list[report.Section],
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    split = runtime.split_cpu()  # as jaxft's CLIs do, before a backend starts: each row then picks its devices
     if args.device == "gpu":
         require_gpu()
     command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -132,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     peak = steps.matmul_peak(setup)
     env["matmul peak (jax)"] = f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}, {args.device})"
+    env["jaxft CPU devices"] = (f"{len(jax.devices('cpu'))}, made by jaxft as its CLIs make them (the train step's "
+                                f"devices column: each row's choice)" if split else str(len(jax.devices("cpu"))))
     print(f"{command}\n{date}\n" + "\n".join(f"{key}: {value}" for key, value in env.items()), flush=True)
 
     train, train_results, failures = train_section(args, setup, peak)

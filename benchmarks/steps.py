@@ -32,7 +32,7 @@ import torch
 import torchvision
 
 from benchmarks.common import interleaved_medians
-from jaxft import create_model, to_torch
+from jaxft import create_model, runtime, to_torch
 from jaxft.engine import Engine, data_mesh
 from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
@@ -105,12 +105,20 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, n
             "label": rng.integers(0, NUM_CLASSES, batch_size)}
 
 
-def bench_engine(model, variables: dict, strategy: str, device: str | None = None) -> Engine:
-    """jaxft's engine as the benchmarks run it: Adam, BatchNorm policy ``torch``, one device (the
-    comparison is per chip, not of data parallelism), uint8 batches normalised on the device."""
+def bench_devices(strategy: str, device: str | None, batch_size: int, image_size: int) -> list:
+    """jaxft's devices for a train step: one (the comparison is per chip, not of data
+    parallelism), except on the CPU, where a run of the CLI may use both halves of a CPU that
+    ``runtime.split_cpu`` split (``benchmarks.__main__`` splits it as the CLI does)."""
+    if device in (None, "cpu") and jax.default_backend() == "cpu":
+        return runtime.run_devices(trains_backbone=strategy != "head", batch_size=batch_size, image_size=image_size)
+    return jax.devices(device)[:1]
+
+
+def bench_engine(model, variables: dict, strategy: str, devices: list) -> Engine:
+    """jaxft's engine as the benchmarks run it: Adam, BatchNorm policy ``torch``, uint8 batches
+    normalised on the device."""
     return Engine(model, variables, parse_strategy(strategy), OptimConfig("adam", lr=LEARNING_RATE),
-                  bn_policy="torch", mesh=data_mesh(jax.devices(device)[:1]),
-                  normalization=(IMAGENET_MEAN, IMAGENET_STD))
+                  bn_policy="torch", mesh=data_mesh(devices), normalization=(IMAGENET_MEAN, IMAGENET_STD))
 
 
 def torch_twin(arch: str, variables: dict, setup: Setup) -> torch.nn.Module:
@@ -156,6 +164,7 @@ class TrainResult:
     argument_bytes: int | None  # the compiled step's inputs (train state + batch), where jax reports it
     temp_bytes: int | None  # its scratch (activations, gradients), where jax reports it
     compilations: tuple[int, int]  # the train step's compiled versions after warm-up, after timing
+    devices: int = 1  # jaxft's step ran on this many devices, each with a part of the batch
 
     def images_per_s(self, batch_size: int) -> dict[str, float]:
         return {name: batch_size / t for name, t in self.seconds.items()}
@@ -208,7 +217,8 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
     # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
     jax_batch = {"image": batch["pixels"], "label": batch["label"]}
-    engine = bench_engine(model, variables, strategy, setup.device)
+    devices = bench_devices(strategy, setup.device, setup.batch_size, size)
+    engine = bench_engine(model, variables, strategy, devices)
 
     def jax_step() -> float:
         metrics = engine.train_step(jax_batch)
@@ -243,8 +253,14 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
         arch=arch, strategy=strategy, size=size, seconds=seconds, compile_failure=compile_failure,
         jax_loss=first_losses["jaxft"], torch_loss=first_losses["torch eager"], flops=step_flops(engine, jax_batch),
         jax_state_bytes=engine.optimizer_state_bytes(), torch_state_bytes=torch_state_bytes(eager_optimizer),
-        argument_bytes=getattr(memory, "argument_size_in_bytes", None),
-        temp_bytes=getattr(memory, "temp_size_in_bytes", None), compilations=(warm, timed))
+        argument_bytes=_all_devices(getattr(memory, "argument_size_in_bytes", None), len(devices)),
+        temp_bytes=_all_devices(getattr(memory, "temp_size_in_bytes", None), len(devices)),
+        compilations=(warm, timed), devices=len(devices))
+
+
+def _all_devices(per_device: int | None, devices: int) -> int | None:
+    """XLA's memory analysis is of one device's program; on the CPU every device's is host memory."""
+    return None if per_device is None else per_device * devices
 
 
 def step_flops(engine: Engine, batch: dict) -> float:
@@ -257,7 +273,7 @@ def step_flops(engine: Engine, batch: dict) -> float:
 
 
 def train_table(results: list[TrainResult], setup: Setup, peak: float) -> tuple[list[str], list[list[str]]]:
-    headers = ["arch", "strategy", "px", "jaxft img/s", "torch eager img/s", "torch.compile img/s", "jaxft/eager",
+    headers = ["arch", "strategy", "px", "jaxft devices", "jaxft img/s", "torch eager img/s", "torch.compile img/s", "jaxft/eager",
                "jaxft/best torch", "jaxft opt state MiB", "jaxft GFLOP/s", "of matmul peak",
                "compilations (warm -> timed)", "loss rel diff"]
     rows = []
@@ -265,7 +281,7 @@ def train_table(results: list[TrainResult], setup: Setup, peak: float) -> tuple[
         ips = r.images_per_s(setup.batch_size)
         compiled = f"{ips['torch.compile']:.1f}" if "torch.compile" in ips else (r.compile_failure or "not run")
         achieved = r.flops / r.seconds["jaxft"]
-        rows.append([r.arch, r.strategy, r.size, f"{ips['jaxft']:.1f}", f"{ips['torch eager']:.1f}", compiled,
+        rows.append([r.arch, r.strategy, r.size, r.devices, f"{ips['jaxft']:.1f}", f"{ips['torch eager']:.1f}", compiled,
                      f"{r.vs_eager:.2f}", f"{r.vs_best_torch:.2f}", f"{r.jax_state_bytes / MiB:.1f}",
                      f"{achieved / 1e9:.1f}", f"{achieved / peak:.1%}",
                      f"{r.compilations[0]} -> {r.compilations[1]}", f"{r.loss_difference:.1e}"])

@@ -12,6 +12,7 @@ COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from jaxft import runtime
     from jaxft.config import add_config_flags, build_config, config_to_dict, load_config_file
     from jaxft.freeze import parse_strategy
     from jaxft.report import write_comparison
@@ -29,6 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     add_config_flags(parser)
     args = parser.parse_args(argv)
+    runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
     flags = {k: v for k, v in vars(args).items() if k not in ("strategies", "config", "overwrite")}
     try:
         base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")

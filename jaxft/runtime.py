@@ -13,6 +13,11 @@
   ``JAXFT_COMPILATION_CACHE=0`` turns it off. jaxft also caches compilations from
   ``CACHE_MIN_COMPILE_SECONDS`` up (JAX's default is 1 s), unless the user set
   ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or the option.
+
+The command-line tools also make a machine without an accelerator **two CPU devices**
+(``split_cpu``, before JAX starts a backend), and each run then chooses whether its steps use
+both (``run_devices``): those that are forward passes over large enough batches do. Same rules:
+never when the user chose a device count, and ``JAXFT_XLA_DEFAULTS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ def _backend_started() -> bool:
 
     bridge = sys.modules.get("jax._src.xla_bridge")
     return bool(getattr(bridge, "_backends", None))
+
+
+def user_chose_cpu_devices(environ: MutableMapping[str, str]) -> bool:
+    """The user set the CPU device count themselves (XLA's flag, JAX's variable or its option)."""
+    import jax
+
+    return (any(word.startswith("--xla_force_host_platform_device_count") for word in
+                environ.get("XLA_FLAGS", "").split())
+            or "JAX_NUM_CPU_DEVICES" in environ or jax.config.jax_num_cpu_devices != -1)
 
 
 def default_xla_flags(environ: MutableMapping[str, str]) -> dict[str, str]:
@@ -106,3 +120,64 @@ def enable_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> 
 def configure() -> None:
     apply_xla_flags()
     enable_compilation_cache()
+
+
+# --- the CPU as two devices -------------------------------------------------------------------------
+# XLA:CPU (jaxlib 0.10) runs many of a CNN's convolutions on one thread: YNNPACK's 3x3 ones unless
+# both channel counts are 128 or more. A step that is mostly forward passes (the `head` strategy:
+# a frozen backbone, a trained classifier) then leaves a core idle; two CPU devices, each running
+# half of the batch, use both. Measured on 2 cores, batch 16, a step (docs/benchmarks.md):
+# resnet18 `head` 0.47 -> 0.34 s at 224 px, 0.21 -> 0.16 s at 160, 0.12 -> 0.09 s at 112;
+# resnet50 0.98 -> 0.83 s at 224; vgg16 even. Steps that train the backbone pay for the
+# all-reduce of its gradients and an optimizer update on both devices (resnet50 `partial:0.8`
+# at 224 px 1.29 -> 1.38 s, resnet18 `full` at 64 px 1.7x slower), and small batches gain
+# nothing (resnet18 `head`, 32 x 64 px: even; 16 x 64 px: slower). A process's device count is
+# fixed when its backend starts, so the tools make two and each run picks its devices.
+CPU_DEVICES = 2
+# batch x height x width of a forward-pass step, from which it uses both devices: 16 x 112^2
+# gained 1.3x, 32 x 64^2 nothing
+SPLIT_MIN_PIXELS = 200_000
+
+_cpu_split_by_jaxft = False
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def split_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Make JAX's CPU backend ``CPU_DEVICES`` devices, unless the user chose a count, jaxft's
+    defaults are off (``JAXFT_XLA_DEFAULTS=0``), a backend has started or there is one core.
+    Only a CPU backend changes (on a machine with an accelerator the steps run there). For the
+    command-line tools; returns whether it made them."""
+    global _cpu_split_by_jaxft
+    import jax
+
+    if (environ.get("JAXFT_XLA_DEFAULTS", "1") == "0" or user_chose_cpu_devices(environ) or _backend_started()
+            or _available_cores() < 2):
+        return False
+    jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+    _cpu_split_by_jaxft = True
+    return True
+
+
+def run_devices(trains_backbone: bool, batch_size: int, image_size: int) -> list:
+    """The devices a run's steps use: every device of every process (``engine.data_mesh``),
+    except where ``split_cpu`` made the CPU two devices: both for a step that is forward passes
+    (``trains_backbone`` False) over at least ``SPLIT_MIN_PIXELS``, else the first alone, as if
+    it had not been split."""
+    import jax
+
+    devices = jax.devices()
+    if not _cpu_split_by_jaxft or jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return devices
+    if not trains_backbone and batch_size * image_size ** 2 >= SPLIT_MIN_PIXELS:
+        return devices
+    return devices[:1]
+
+def cpu_split_in_use(device_count: int) -> bool:
+    """Whether a run on ``device_count`` devices uses the devices ``split_cpu`` made."""
+    return _cpu_split_by_jaxft and device_count > 1

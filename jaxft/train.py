@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxft import runtime
 from jaxft.config import (ConfigError, TrainConfig, add_config_flags, build_config, config_for_resume, config_to_dict,
                           flag_name, load_config_file)
 from jaxft.pretrained import NO_WEIGHTS
@@ -312,8 +313,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     # every step; the head it trains is the same.
     use_features, reason = feature_cache_decision(model, strategy, augment=cfg.augmentation(),
                                                   bn_policy=cfg.bn_frozen)
-    # every device of every process; each process loads its own rows of every batch
-    mesh = data_mesh()
+    # every device of every process (each process loads its own rows of every batch); where the
+    # tool split the CPU into two devices, both only for forward-pass steps over enough pixels
+    mesh = data_mesh(runtime.run_devices(trains_backbone=strategy.name != "head", batch_size=cfg.batch_size,
+                                         image_size=eval_t.crop_size))
+    if runtime.cpu_split_in_use(mesh.devices.size):
+        log(f"steps on {mesh.devices.size} CPU devices, a part of each batch on each: XLA:CPU runs many "
+            f"convolutions on one core (JAXFT_XLA_DEFAULTS=0 keeps one device; docs/engine.md)")
     share = batch_share(mesh)
     if cfg.batch_size % share.multiple:
         log(f"a batch of {cfg.batch_size} does not divide over {share.multiple} devices: padded with "
@@ -588,7 +594,7 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir.resolve()), "arch": cfg.arch, "data": cfg.data, "strategy": spec,
         "bn_frozen": cfg.bn_frozen, "classes": list(classes), "best_epoch": best_epoch,
-        "epochs": cfg.epochs, "steps": progress.global_step,
+        "epochs": cfg.epochs, "steps": progress.global_step, "devices": int(engine.mesh.devices.size),
         "train": {"loss": last["train_loss"], "accuracy": last["train_accuracy"],
                   "note": "running average over the last epoch, with augmentation"},
     }
@@ -692,6 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if not multihost:
+        runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
         return run_command(parser, args, multihost)
     # A process of a multi-host job that may be stopping alone (an error of its own, a lost
     # peer, a second Ctrl-C) leaves at once: waiting at JAX's exit barrier would keep the others

@@ -488,7 +488,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # No jax.distributed here: every tuning process is a worker of its own (several of them,
     # started by hand or by srun, share one study through its storage); a trial runs on the
     # devices of its process.
+    from jaxft import runtime
     from jaxft.train import StopRequested, user_errors
+
+    runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
 
     flags = {k: v for k, v in vars(args).items() if k not in TUNE_OPTIONS}
     study_dir: Optional[Path] = Path(args.resume) if args.resume else None

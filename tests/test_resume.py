@@ -1,6 +1,7 @@
 """Interrupted runs, resumed, reach the result of an uninterrupted run: gradual unfreezing stopped
 mid-epoch and right after an epoch's checkpoint, a NaN stop resumed with a lower learning rate,
-and a finished run extended by epochs. Each test proves that its interruption happened."""
+a finished run extended by epochs, and `head` on the CPU split into two devices killed. Each test
+proves that its interruption happened."""
 
 from __future__ import annotations
 
@@ -142,3 +143,35 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
 
     shorter = cli("jaxft.train", "--resume", run, "--epochs", "1", "--quiet", env=env)
     assert shorter.returncode == 2 and "has already trained 2 epoch(s)" in shorter.stderr, shorter.stderr[-2000:]
+
+
+def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_and_one_device(env, tmp_path):
+    """`head` over 16 x 112^2 pixels a step runs on the two CPU devices the CLI makes
+    (jaxft/runtime.py): killed after a checkpoint and resumed, on both halves again, it ends
+    where the uninterrupted run does, bit for bit; on one device it ends there up to rounding."""
+    env = {**env, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # no device count of the user's: jaxft chooses
+    args = ["--strategy", "head", "--image-size", "112", "--batch-size", "16", "--augment", "--epochs", "1",
+            "--save-every", "10", "--log-every", "1", "--quiet"]
+    reference = tmp_path / "reference"
+    result = cli("jaxft.train", *args, "--out", reference, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps on 2 CPU devices" in result.stdout and _summary(reference)["devices"] == 2
+
+    run = tmp_path / "run"
+    proc = start_training(*args, "--out", run, env=env)
+    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(run)), signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    latest = saved_steps(run)[-1]
+    assert 0 < latest < _summary(reference)["steps"] and not (run / "summary.json").exists()
+    result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run} at step {latest}" in result.stdout and "steps on 2 CPU devices" in result.stdout
+    assert_same_result(_summary(run), _summary(reference))
+
+    one = tmp_path / "one"
+    result = cli("jaxft.train", *args, "--out", one, env={**env, "JAXFT_XLA_DEFAULTS": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CPU devices" not in result.stdout and _summary(one)["devices"] == 1
+    for split in ("train", "val"):  # measured: train loss 3e-9 apart
+        assert _summary(one)[split]["loss"] == pytest.approx(_summary(reference)[split]["loss"], rel=1e-6), split
+        assert _summary(one)[split]["accuracy"] == _summary(reference)[split]["accuracy"], split

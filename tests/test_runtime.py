@@ -82,3 +82,35 @@ def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
     # sub-second compilations (small eval steps) are cached too, unless the user says otherwise
     assert first["min_compile_seconds"] == 0  # the user's, from the environment
     assert probe(tmp_path, min_compile_seconds=None)["min_compile_seconds"] == jaxft.runtime.CACHE_MIN_COMPILE_SECONDS
+
+
+SPLIT_PROBE = """
+import json, jax
+from jaxft import runtime
+made = runtime.split_cpu()
+print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.split_cpu(),
+                  "head 16 x 112^2": len(runtime.run_devices(False, 16, 112)),
+                  "head 32 x 64^2": len(runtime.run_devices(False, 32, 64)),
+                  "full 16 x 224^2": len(runtime.run_devices(True, 16, 224))}))
+"""
+
+
+def split_probe(**env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", SPLIT_PROBE], env={**environ, "JAX_PLATFORMS": "cpu", **env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward_steps():
+    split = split_probe()
+    assert split == {"made": True, "devices": 2, "again": False,  # once, before the backend: then never
+                     "head 16 x 112^2": 2, "head 32 x 64^2": 1, "full 16 x 224^2": 1}
+    # the user's device count wins (each way of setting it), and so does turning jaxft's defaults off;
+    # a run then uses every device there is, as before the split existed
+    for env, devices in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
+                         ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, 1),
+                         ({"JAX_NUM_CPU_DEVICES": "3"}, 3), ({"JAXFT_XLA_DEFAULTS": "0"}, 1)):
+        assert split_probe(**env) == {"made": False, "devices": devices, "again": False, "head 16 x 112^2": devices,
+                                      "head 32 x 64^2": devices, "full 16 x 224^2": devices}, env

@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = create_model(args.arch, num_classes=NUM_CLASSES, **model_kwargs(args.arch))
-    engine = bench_engine(model, init_variables(model), args.strategy)
+    engine = bench_engine(model, init_variables(model), args.strategy, jax.devices()[:1])
     batch = random_batch(args.batch_size, args.image_size)
     forms = {"float32": {"image": batch["image"], "label": batch["label"]},
              "uint8": {"image": batch["pixels"], "label": batch["label"]}}
