@@ -116,8 +116,9 @@ def memory_section(train: list[steps.TrainResult]) -> report.Section:
     return report.Section(
         "Memory", *steps.memory_table(train),
         note="Optimizer state held by each framework (frozen leaves carry none), and the compiled jaxft step's "
-             "argument and temporary buffers from XLA's memory analysis (summed over its devices). Host memory is per process and only "
-             "grows, so it says nothing per row here; each end-to-end job's is in its own table.")
+             "argument and temporary buffers from XLA's memory analysis (summed over its devices). Host memory is "
+             "per process and only grows, so it says nothing per row here; each end-to-end job's is in its own "
+             "table.")
 
 
 def end_to_end_sections(quick: bool, device: str) -> tuple[list[report.Section], list[str]]:
