@@ -152,7 +152,8 @@ def split_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Make JAX's CPU backend ``CPU_DEVICES`` devices, unless the user chose a count, jaxft's
     defaults are off (``JAXFT_XLA_DEFAULTS=0``), a backend has started or there is one core.
     Only a CPU backend changes (on a machine with an accelerator the steps run there). For the
-    command-line tools; returns whether it made them."""
+    command-line tools, in a process of their own (a Python caller's devices are its own
+    business); returns whether it made them."""
     global _cpu_split_by_jaxft
     import jax
 
@@ -177,6 +178,7 @@ def run_devices(trains_backbone: bool, batch_size: int, image_size: int) -> list
     if not trains_backbone and batch_size * image_size ** 2 >= SPLIT_MIN_PIXELS:
         return devices
     return devices[:1]
+
 
 def cpu_split_in_use(device_count: int) -> bool:
     """Whether a run on ``device_count`` devices uses the devices ``split_cpu`` made."""

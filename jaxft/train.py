@@ -698,7 +698,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if not multihost:
-        runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
+        if argv is None:  # the command of its own process (python -m, the console script), not a call from Python
+            runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
         return run_command(parser, args, multihost)
     # A process of a multi-host job that may be stopping alone (an error of its own, a lost
     # peer, a second Ctrl-C) leaves at once: waiting at JAX's exit barrier would keep the others
