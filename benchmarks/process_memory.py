@@ -15,6 +15,9 @@ imports). So two figures:
   shared memory, are counted once, not once per process. Sampled, so a spike shorter than
   the interval can be missed.
 
+Sampling reads the target's memory summaries four times a second (4.7 ms a sample measured on
+a process holding JAX: about 2% of a core), which both frameworks' jobs pay alike.
+
 Both read ``/proc`` (Linux; ``smaps_rollup`` since 4.14) and are None where it cannot be read.
 """
 
@@ -41,10 +44,14 @@ class Watched:
 def _children(pid: int) -> list[int]:
     children = []
     try:
-        for task in (PROC / str(pid) / "task").iterdir():
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:  # the process ended
+        return children
+    for task in tasks:
+        try:
             children += [int(child) for child in (task / "children").read_text().split()]
-    except OSError:  # the process (or one of its threads) ended between listing and reading
-        pass
+        except OSError:  # this thread ended between listing and reading
+            pass
     return children
 
 
@@ -93,12 +100,16 @@ def run_watched(cmd: Sequence[str], stdout: IO, env: dict, interval: float = 0.2
     proc = subprocess.Popen(list(cmd), stdout=stdout, stderr=subprocess.STDOUT, env=env)
     peak_rss = peak_pss = None
     try:
-        while proc.poll() is None:
+        while True:
             rss, pss = high_water_mib(proc.pid), tree_pss_mib(proc.pid)
             peak_rss = rss if rss is not None else peak_rss  # None once the process has ended
             if pss is not None:
                 peak_pss = max(peak_pss or 0.0, pss)
-            time.sleep(interval)
+            try:
+                proc.wait(timeout=interval)  # returns as soon as it exits: the wall time stays exact
+                break
+            except subprocess.TimeoutExpired:
+                pass
     except BaseException:
         proc.kill()
         proc.wait()

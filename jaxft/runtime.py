@@ -180,6 +180,6 @@ def run_devices(trains_backbone: bool, batch_size: int, image_size: int) -> list
     return devices[:1]
 
 
-def cpu_split_in_use(device_count: int) -> bool:
-    """Whether a run on ``device_count`` devices uses the devices ``split_cpu`` made."""
-    return _cpu_split_by_jaxft and device_count > 1
+def cpu_split_in_use(devices) -> bool:
+    """Whether a run on ``devices`` uses the CPU devices ``split_cpu`` made (not GPUs, say)."""
+    return _cpu_split_by_jaxft and len(devices) > 1 and all(d.platform == "cpu" for d in devices)

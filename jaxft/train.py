@@ -317,7 +317,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     # tool split the CPU into two devices, both only for forward-pass steps over enough pixels
     mesh = data_mesh(runtime.run_devices(trains_backbone=strategy.name != "head", batch_size=cfg.batch_size,
                                          image_size=eval_t.crop_size))
-    if runtime.cpu_split_in_use(mesh.devices.size):
+    if runtime.cpu_split_in_use(list(mesh.devices.flat)):
         log(f"steps on {mesh.devices.size} CPU devices, a part of each batch on each: XLA:CPU runs many "
             f"convolutions on one core (JAXFT_XLA_DEFAULTS=0 keeps one device; docs/engine.md)")
     share = batch_share(mesh)

@@ -145,6 +145,7 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
     assert shorter.returncode == 2 and "has already trained 2 epoch(s)" in shorter.stderr, shorter.stderr[-2000:]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the CPU is split only with two cores or more")
 def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_and_one_device(env, tmp_path):
     """`head` over 16 x 112^2 pixels a step runs on the two CPU devices the CLI makes
     (jaxft/runtime.py): killed after a checkpoint and resumed, on both halves again, it ends

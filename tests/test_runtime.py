@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import jaxft.runtime
 from jaxft.runtime import apply_xla_flags, default_xla_flags
 
@@ -103,6 +105,10 @@ def split_probe(**env) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the CPU is split only with two cores or more")
+
+
+@TWO_CORES
 def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward_steps():
     split = split_probe()
     assert split == {"made": True, "devices": 2, "again": False,  # once, before the backend: then never
@@ -114,3 +120,20 @@ def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward
                          ({"JAX_NUM_CPU_DEVICES": "3"}, 3), ({"JAXFT_XLA_DEFAULTS": "0"}, 1)):
         assert split_probe(**env) == {"made": False, "devices": devices, "again": False, "head 16 x 112^2": devices,
                                       "head 32 x 64^2": devices, "full 16 x 224^2": devices}, env
+
+
+CALLER_PROBE = """
+import json, sys, jax
+from jaxft.train import main
+code = main(["--epochs", "0", "--out", sys.argv[1]])  # a Python caller's bad flag: refused after the split point
+print(json.dumps({"code": code, "devices": len(jax.devices())}))
+"""
+
+
+@TWO_CORES
+def test_a_python_caller_of_a_tool_keeps_its_own_devices(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", CALLER_PROBE, str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 2, "devices": 1}
