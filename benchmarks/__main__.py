@@ -137,8 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     peak = steps.matmul_peak(setup)
     env["matmul peak (jax)"] = f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}, {args.device})"
-    env["jaxft CPU devices"] = (f"{len(jax.devices('cpu'))}, made by jaxft as its CLIs make them (the train step's "
-                                f"devices column: each row's choice)" if split else str(len(jax.devices("cpu"))))
+    cpu_devices = len(jax.devices("cpu"))
+    env["jaxft CPU devices"] = (f"{cpu_devices}, made by jaxft as its CLIs make them (the train step's devices "
+                                f"column: each row's choice)" if split else str(cpu_devices))
     print(f"{command}\n{date}\n" + "\n".join(f"{key}: {value}" for key, value in env.items()), flush=True)
 
     train, train_results, failures = train_section(args, setup, peak)

@@ -30,8 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     add_config_flags(parser)
     args = parser.parse_args(argv)
-    if argv is None:  # the command of its own process (python -m, the console script), not a call from Python
-        runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
+    runtime.split_cpu_for_command(argv)  # before anything starts a backend
     flags = {k: v for k, v in vars(args).items() if k not in ("strategies", "config", "overwrite")}
     try:
         base = build_config(load_config_file(args.config) if args.config else {}, flags, args.config or "flags")

@@ -23,7 +23,7 @@ never when the user chose a device count, and ``JAXFT_XLA_DEFAULTS=0`` turns it 
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -55,13 +55,17 @@ def _backend_started() -> bool:
     return bool(getattr(bridge, "_backends", None))
 
 
+def _user_set_flag(environ: MutableMapping[str, str], flag: str) -> bool:
+    """``flag`` is in the user's ``XLA_FLAGS``, with a value or without."""
+    return any(word == flag or word.startswith(flag + "=") for word in environ.get("XLA_FLAGS", "").split())
+
+
 def user_chose_cpu_devices(environ: MutableMapping[str, str]) -> bool:
     """The user set the CPU device count themselves (XLA's flag, JAX's variable or its option)."""
     import jax
 
-    return (any(word.startswith("--xla_force_host_platform_device_count") for word in
-                environ.get("XLA_FLAGS", "").split())
-            or "JAX_NUM_CPU_DEVICES" in environ or jax.config.jax_num_cpu_devices != -1)
+    return (_user_set_flag(environ, "--xla_force_host_platform_device_count") or "JAX_NUM_CPU_DEVICES" in environ
+            or jax.config.jax_num_cpu_devices != -1)
 
 
 def default_xla_flags(environ: MutableMapping[str, str]) -> dict[str, str]:
@@ -69,9 +73,7 @@ def default_xla_flags(environ: MutableMapping[str, str]) -> dict[str, str]:
     ``JAXFT_XLA_DEFAULTS=0`` or this jaxlib was not checked."""
     if environ.get("JAXFT_XLA_DEFAULTS", "1") == "0" or _jaxlib_release() not in CHECKED_JAXLIB:
         return {}
-    user = environ.get("XLA_FLAGS", "").split()
-    return {flag: value for flag, value in CPU_XLA_FLAGS.items()
-            if not any(word == flag or word.startswith(flag + "=") for word in user)}
+    return {flag: value for flag, value in CPU_XLA_FLAGS.items() if not _user_set_flag(environ, flag)}
 
 
 def apply_xla_flags(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
@@ -141,7 +143,8 @@ SPLIT_MIN_PIXELS = 200_000
 _cpu_split_by_jaxft = False
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -158,11 +161,18 @@ def split_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
     import jax
 
     if (environ.get("JAXFT_XLA_DEFAULTS", "1") == "0" or user_chose_cpu_devices(environ) or _backend_started()
-            or _available_cores() < 2):
+            or available_cores() < 2):
         return False
     jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
     _cpu_split_by_jaxft = True
     return True
+
+
+def split_cpu_for_command(argv: Optional[Sequence[str]]) -> None:
+    """``split_cpu`` for a tool's ``main(argv)``: only with ``argv`` None, i.e. run as a command
+    in a process of its own (``python -m``, the console script), not called from Python."""
+    if argv is None:
+        split_cpu()
 
 
 def run_devices(trains_backbone: bool, batch_size: int, image_size: int) -> list:

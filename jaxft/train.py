@@ -698,8 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if not multihost:
-        if argv is None:  # the command of its own process (python -m, the console script), not a call from Python
-            runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
+        runtime.split_cpu_for_command(argv)  # before anything starts a backend
         return run_command(parser, args, multihost)
     # A process of a multi-host job that may be stopping alone (an error of its own, a lost
     # peer, a second Ctrl-C) leaves at once: waiting at JAX's exit barrier would keep the others

@@ -491,8 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from jaxft import runtime
     from jaxft.train import StopRequested, user_errors
 
-    if argv is None:  # the command of its own process (python -m, the console script), not a call from Python
-        runtime.split_cpu()  # before anything starts a backend: see jaxft/runtime.py
+    runtime.split_cpu_for_command(argv)  # before anything starts a backend
 
     flags = {k: v for k, v in vars(args).items() if k not in TUNE_OPTIONS}
     study_dir: Optional[Path] = Path(args.resume) if args.resume else None

@@ -10,6 +10,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
+from jaxft.runtime import available_cores
+
+# the command-line tools split the CPU into two devices only where there are two cores
+TWO_CORES = pytest.mark.skipif(available_cores() < 2, reason="the CPU is split only with two cores or more")
+
 
 def cli(module: str, *args, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,

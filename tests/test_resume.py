@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-from clitools import (assert_same_result, cli, interrupt_when, logged_steps, progress_at, saved_steps,
+from clitools import (TWO_CORES, assert_same_result, cli, interrupt_when, logged_steps, progress_at, saved_steps,
                       start_training)
 
 # digits 5-9 at 32 px: 717 training images, 22 steps of 32 per epoch
@@ -145,7 +145,7 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
     assert shorter.returncode == 2 and "has already trained 2 epoch(s)" in shorter.stderr, shorter.stderr[-2000:]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the CPU is split only with two cores or more")
+@TWO_CORES
 def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_and_one_device(env, tmp_path):
     """`head` over 16 x 112^2 pixels a step runs on the two CPU devices the CLI makes
     (jaxft/runtime.py): killed after a checkpoint and resumed, on both halves again, it ends

@@ -12,9 +12,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 import jaxft.runtime
+from clitools import TWO_CORES
 from jaxft.runtime import apply_xla_flags, default_xla_flags
 
 OURS = "--xla_cpu_experimental_ynn_fusion_type"  # a real flag, standing in for a default jaxft would add
@@ -97,20 +97,19 @@ print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.
 """
 
 
-def split_probe(**env) -> dict:
+def device_probe(script: str, *args, **env) -> dict:
+    """The JSON last printed by ``script`` in a fresh CPU-only interpreter, with no device count of
+    the user's unless ``env`` sets one."""
     environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    done = subprocess.run([sys.executable, "-c", SPLIT_PROBE], env={**environ, "JAX_PLATFORMS": "cpu", **env},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env={**environ, "JAX_PLATFORMS": "cpu",
+                          **env}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the CPU is split only with two cores or more")
-
-
 @TWO_CORES
 def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward_steps():
-    split = split_probe()
+    split = device_probe(SPLIT_PROBE)
     assert split == {"made": True, "devices": 2, "again": False,  # once, before the backend: then never
                      "head 16 x 112^2": 2, "head 32 x 64^2": 1, "full 16 x 224^2": 1}
     # the user's device count wins (each way of setting it), and so does turning jaxft's defaults off;
@@ -118,8 +117,9 @@ def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward
     for env, devices in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
                          ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, 1),
                          ({"JAX_NUM_CPU_DEVICES": "3"}, 3), ({"JAXFT_XLA_DEFAULTS": "0"}, 1)):
-        assert split_probe(**env) == {"made": False, "devices": devices, "again": False, "head 16 x 112^2": devices,
-                                      "head 32 x 64^2": devices, "full 16 x 224^2": devices}, env
+        assert device_probe(SPLIT_PROBE, **env) == {"made": False, "devices": devices, "again": False,
+                                                    "head 16 x 112^2": devices, "head 32 x 64^2": devices,
+                                                    "full 16 x 224^2": devices}, env
 
 
 CALLER_PROBE = """
@@ -132,8 +132,4 @@ print(json.dumps({"code": code, "devices": len(jax.devices())}))
 
 @TWO_CORES
 def test_a_python_caller_of_a_tool_keeps_its_own_devices(tmp_path):
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    done = subprocess.run([sys.executable, "-c", CALLER_PROBE, str(tmp_path / "run")], capture_output=True, text=True,
-                          env={**environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 2, "devices": 1}
+    assert device_probe(CALLER_PROBE, tmp_path / "run") == {"code": 2, "devices": 1}
