@@ -125,6 +125,9 @@ class Progress:
     train_seconds: float = 0.0  # inside train steps
     wall_seconds: float = 0.0  # the whole loop, evaluation and checkpoints included
     images_seen: int = 0
+    # how many devices the steps ran on (0: saved before it was recorded); a run continued on
+    # another count ends where it would have up to float32 rounding, not bit for bit
+    devices: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -423,6 +426,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
         wall_mark = now
         progress.iterator = iterator_state if iterator_state is not None else iterator.get_state()
         progress.stage_epoch = engine.epoch
+        progress.devices = engine.devices
         ckpts.save(progress.global_step, engine.state, progress.to_json(), val_accuracy)
 
     def write(record: dict[str, Any]) -> None:
@@ -452,6 +456,11 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
             log(f"resumed {run_dir} at step {progress.global_step} (epoch {progress.epoch + 1}, "
                 f"step {progress.step_in_epoch}/{steps_per_epoch})"
                 + "".join(f"; {flag_name(k)} {new} (was {old})" for k, (old, new) in (changes or {}).items()))
+            if progress.devices and progress.devices != engine.devices:
+                log(f"note: the steps so far ran on {progress.devices} device(s) and continue on {engine.devices}: "
+                    f"each batch is split another way, so the run ends where it would have up to float32 rounding, "
+                    f"not bit for bit. To continue it exactly, resume it launched as it was started (the same "
+                    f"XLA_FLAGS, JAX_NUM_CPU_DEVICES, JAXFT_XLA_DEFAULTS and processes; docs/guarantees.md)")
         if progress.global_step < len(parts.loader):
             start_workers(iterator)  # they start up during the first val pass, not the first steps
         metrics_log = files.open_metrics()

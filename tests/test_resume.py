@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -164,10 +165,23 @@ def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_
     assert code == -signal.SIGKILL, stderr[-2000:]
     latest = saved_steps(run)[-1]
     assert 0 < latest < _summary(reference)["steps"] and not (run / "summary.json").exists()
+    elsewhere = tmp_path / "elsewhere"  # the same stopped run, to be resumed launched another way
+    shutil.copytree(run, elsewhere)
     result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {run} at step {latest}" in result.stdout and "steps on 2 CPU devices" in result.stdout
+    assert "device(s) and continue on" not in result.stdout
     assert_same_result(_summary(run), _summary(reference))
+
+    # resumed on one device, it says the result will not be bit for bit, and ends there up to rounding
+    result = cli("jaxft.train", "--resume", elsewhere, "--quiet", env={**env, "JAXFT_XLA_DEFAULTS": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {elsewhere} at step {latest}" in result.stdout
+    assert "the steps so far ran on 2 device(s) and continue on 1" in result.stdout, result.stdout[-3000:]
+    assert _summary(elsewhere)["devices"] == 1
+    for split in ("train", "val"):
+        assert _summary(elsewhere)[split]["loss"] == pytest.approx(_summary(reference)[split]["loss"], rel=1e-6)
+        assert _summary(elsewhere)[split]["accuracy"] == _summary(reference)[split]["accuracy"], split
 
     one = tmp_path / "one"
     result = cli("jaxft.train", *args, "--out", one, env={**env, "JAXFT_XLA_DEFAULTS": "0"})
