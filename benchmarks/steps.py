@@ -30,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torchvision
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import interleaved_medians
 from jaxft import create_model, runtime, to_torch
-from jaxft.engine import Engine, data_mesh
+from jaxft.engine import Engine, data_mesh, replicate
 from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
 from jaxft.parity import freeze_like, rel_l2
@@ -105,12 +107,12 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, n
             "label": rng.integers(0, NUM_CLASSES, batch_size)}
 
 
-def bench_devices(strategy: str, device: str | None, batch_size: int, image_size: int) -> list:
-    """jaxft's devices for a train step: one (the comparison is per chip, not of data
-    parallelism), except on the CPU, where a run of the CLI may use both halves of a CPU that
-    ``runtime.split_cpu`` split (``benchmarks.__main__`` splits it as the CLI does)."""
+def bench_devices(trains_backbone: bool, device: str | None, batch_size: int, image_size: int) -> list:
+    """jaxft's devices for a train step or a forward pass: one (the comparison is per chip, not
+    of data parallelism), except on the CPU, where the CLIs may use both halves of a CPU that
+    ``runtime.split_cpu`` split (``benchmarks.__main__`` splits it as the CLIs do)."""
     if device in (None, "cpu") and jax.default_backend() == "cpu":
-        return runtime.run_devices(trains_backbone=strategy != "head", batch_size=batch_size, image_size=image_size)
+        return runtime.run_devices(trains_backbone=trains_backbone, batch_size=batch_size, image_size=image_size)
     return jax.devices(device)[:1]
 
 
@@ -217,7 +219,7 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
     # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
     jax_batch = {"image": batch["pixels"], "label": batch["label"]}
-    devices = bench_devices(strategy, setup.device, setup.batch_size, size)
+    devices = bench_devices(strategy != "head", setup.device, setup.batch_size, size)
     engine = bench_engine(model, variables, strategy, devices)
 
     def jax_step() -> float:
@@ -320,6 +322,7 @@ class InferenceResult:
     size: int
     seconds: dict[str, float]  # median per forward: 'jaxft', 'torch'
     logits_difference: float  # relative L2, jaxft against torch
+    devices: int = 1  # jaxft's forward pass ran on this many devices, each with a part of the batch
 
     @property
     def ratio(self) -> float:
@@ -327,13 +330,16 @@ class InferenceResult:
 
 
 def bench_inference(arch: str, size: int, setup: Setup) -> InferenceResult:
-    """Time the eval-mode forward of both frameworks on the same weights and batch."""
+    """Time the eval-mode forward of both frameworks on the same weights and batch, jaxft's on
+    the devices ``python -m jaxft.predict`` would use."""
     model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
     variables = init_variables(model)
     images = random_batch(setup.batch_size, size)["image"]
     twin = torch_twin(arch, variables, setup).eval()
     x = torch_images(images, setup)
-    on_device, placed = jax.device_put((variables, images), setup.jax_device)
+    devices = bench_devices(False, setup.device, setup.batch_size, size)
+    mesh = data_mesh(devices)
+    on_device, placed = replicate(variables, mesh), jax.device_put(images, NamedSharding(mesh, P("data")))
     forward = jax.jit(lambda v, batch: model.apply(v, batch, train=False))
 
     def jax_forward() -> jax.Array:
@@ -347,12 +353,12 @@ def bench_inference(arch: str, size: int, setup: Setup) -> InferenceResult:
 
     difference = rel_l2(np.asarray(jax_forward(), np.float32), torch_forward().float().cpu().numpy())
     seconds = interleaved_medians({"jaxft": jax_forward, "torch": torch_forward}, setup.repeats, warmup=1)
-    return InferenceResult(arch, size, seconds, difference)
+    return InferenceResult(arch, size, seconds, difference, devices=len(devices))
 
 
 def inference_table(results: list[InferenceResult], setup: Setup) -> tuple[list[str], list[list[str]]]:
-    headers = ["arch", "px", "jaxft img/s", "torch img/s", "jaxft/torch", "logits rel L2"]
-    rows = [[r.arch, r.size, f"{setup.batch_size / r.seconds['jaxft']:.1f}",
+    headers = ["arch", "px", "jaxft devices", "jaxft img/s", "torch img/s", "jaxft/torch", "logits rel L2"]
+    rows = [[r.arch, r.size, r.devices, f"{setup.batch_size / r.seconds['jaxft']:.1f}",
              f"{setup.batch_size / r.seconds['torch']:.1f}", f"{r.ratio:.2f}", f"{r.logits_difference:.1e}"]
             for r in results]
     return headers, rows

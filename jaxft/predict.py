@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -102,13 +102,58 @@ def _checked_names(names: Optional[list[str]], num_classes: int, where: str) -> 
     return names
 
 
-def predict(model, variables, transform, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Softmax probabilities (N, classes) for uint8 RGB images."""
-    import jax
+def predict(model, variables, transform, images: Iterable[np.ndarray], batch_size: int = 32,
+            devices: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """Softmax probabilities (N, classes) for uint8 RGB images.
 
-    batch = np.stack([transform(image) for image in images])
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch)
-    return np.asarray(jax.nn.softmax(logits))
+    The images go through the model ``batch_size`` at a time, each batch split over ``devices``
+    (default: the first device). Every batch has one shape (the last is padded; fewer images
+    than ``batch_size`` make one batch of their own number), so one compilation serves a whole
+    list. ``images`` is read as the batches need it, so a long list of files holds one batch in
+    memory, and the next batch is transformed on the host while the device runs the last."""
+    import collections
+    import itertools
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxft.engine import data_mesh, replicate
+
+    if batch_size < 1:
+        raise PredictError(f"a batch size of {batch_size}: it must be 1 or more")
+    devices = list(devices or jax.devices()[:1])
+    mesh = data_mesh(devices)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    variables = replicate(variables, mesh)
+    probabilities_of = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
+    images = iter(images)
+    shape, results = 0, []
+    queued: collections.deque = collections.deque()  # (probabilities on the device, rows that are images)
+    while chunk := [transform(image) for image in itertools.islice(images, batch_size)]:
+        if not shape:  # the first batch fixes the shape: a multiple of the device count
+            shape = -(-len(chunk) // len(devices)) * len(devices)
+        batch = np.zeros((shape, *chunk[0].shape), chunk[0].dtype)
+        batch[:len(chunk)] = chunk
+        queued.append((probabilities_of(variables, jax.device_put(batch, rows)), len(chunk)))
+        if len(queued) > 2:  # the host stays a batch ahead of the device, not a whole list
+            probabilities, count = queued.popleft()
+            results.append(np.asarray(probabilities)[:count])
+    results += [np.asarray(probabilities)[:count] for probabilities, count in queued]
+    if not results:
+        raise PredictError("no images to predict")
+    return np.concatenate(results)
+
+
+def read_images(paths: Sequence[str]) -> Iterator[np.ndarray]:
+    """Each file as a uint8 RGB array, read when it is needed; a file that is not an image
+    stops with its name."""
+    from jaxft.data.images import load_rgb
+
+    for path in paths:
+        try:
+            yield load_rgb(path)
+        except (OSError, ValueError) as exc:
+            raise PredictError(f"cannot read image {path}: {exc}") from None
 
 
 def top_k(probabilities: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
@@ -130,21 +175,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            "names from its .json sidecar) or none (untrained: class indices)")
     source.add_argument("--checkpoint", help="a run directory of python -m jaxft.train (uses its best model)")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    from jaxft.data.images import load_rgb
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: it must be 1 or more")
+    from jaxft import runtime
 
+    runtime.split_cpu_for_command(argv)  # before anything starts a backend
     try:
         classifier = load_classifier(args.arch, args.weights, args.checkpoint)
         if classifier.note:
             print(f"note: {classifier.note}", file=sys.stderr)
-        images = []
-        for path in args.images:
-            try:
-                images.append(load_rgb(path))
-            except (OSError, ValueError) as exc:
-                raise PredictError(f"cannot read image {path}: {exc}") from None
-        probabilities = predict(classifier.model, classifier.variables, classifier.transform, images)
+        # batches over enough pixels are split over the CPU's two halves, as train's eval passes
+        devices = runtime.run_devices(trains_backbone=False, batch_size=min(args.batch_size, len(args.images)),
+                                      image_size=classifier.transform.crop_size)
+        if runtime.cpu_split_in_use(devices):
+            print(f"note: each batch split over {len(devices)} CPU devices (JAXFT_XLA_DEFAULTS=0 keeps one)",
+                  file=sys.stderr)
+        probabilities = predict(classifier.model, classifier.variables, classifier.transform,
+                                read_images(args.images), args.batch_size, devices)
     except (PredictError, *user_errors()) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

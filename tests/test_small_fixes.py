@@ -10,6 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -117,6 +118,48 @@ def test_predict_checks_a_run_directory_model_json(photo, tmp_path, capsys):
     assert main([str(photo), "--checkpoint", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{run / 'model.json'} lacks mean, std" in err and err.count("\n") == 1
+
+
+@clitools.TWO_CORES
+def test_predict_many_images_in_batches_on_the_split_cpu_gives_torchs_probabilities(tmp_path):
+    """Five real photographs of different sizes in batches of 4 (the last padded) at 224 px: over
+    the split's threshold, so each batch runs half on each of the CPU's two devices; every class's
+    probability is torch's for the same weights and transform."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from jaxft.data.images import load_rgb
+    from jaxft.data.transforms import EvalTransform
+
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.immunohistochemistry()]
+    paths = []
+    for i, image in enumerate(photos):
+        paths.append(tmp_path / f"photo{i}.{'png' if i % 2 else 'jpg'}")
+        Image.fromarray(image).save(paths[-1])
+    names = [f"class{i}" for i in range(10)]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weights = save_resnet18(tmp_path / "ten.pth", 10, {"classes": names})
+    env = {**os.environ, "JAXFT_CACHE": str(tmp_path / "jaxft_cache"), "TORCH_HOME": str(tmp_path / "torch_home"),
+           "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # no device count of the user's: jaxft chooses
+    result = clitools.cli("jaxft.predict", *paths, "--arch", "resnet18", "--weights", weights, "--batch-size", "4",
+                          "--top-k", "10", "--json", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each batch split over 2 CPU devices" in result.stderr, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert [row["image"] for row in rows] == [str(path) for path in paths]
+    ours = np.array([[top["probability"] for top in sorted(row["top_k"], key=lambda t: t["index"])] for row in rows])
+
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    transform = EvalTransform()  # the sidecar names no preprocessing: ImageNet's
+    batch = torch.from_numpy(np.stack([transform(load_rgb(path)) for path in paths])).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        theirs = torch.softmax(model(batch), -1).numpy()
+    apart = np.abs(theirs[:, None] - theirs[None]).sum(-1)  # every image its own probabilities: a swapped
+    assert apart[~np.eye(len(paths), dtype=bool)].min() > 0.02  # image or row would show (measured 0.047)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 # --- the source checkpoint build is scoped ----------------------------------------------------------
