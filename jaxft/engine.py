@@ -196,12 +196,13 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any],
     return step
 
 
-def make_eval_step(model: nn.Module, normalization: Normalization = None) -> Callable[[TrainState, Batch, Any], dict]:
-    """Sums of loss and correct predictions over the real (unmasked) samples, and predictions;
-    the loss with ``label_smoothing`` (an array argument, as in the train step)."""
+def make_eval_step(model: nn.Module, normalization: Normalization = None) -> Callable[[Any, Batch, Any], dict]:
+    """Sums of loss and correct predictions over the real (unmasked) samples, and predictions,
+    for the model's ``variables``; the loss with ``label_smoothing`` (an array argument, as in
+    the train step)."""
 
-    def step(state: TrainState, batch: Batch, label_smoothing: jnp.ndarray) -> dict:
-        logits = model.apply(state.variables, model_input(batch["image"], normalization), train=False)
+    def step(variables: Mapping[str, Any], batch: Batch, label_smoothing: jnp.ndarray) -> dict:
+        logits = model.apply(variables, model_input(batch["image"], normalization), train=False)
         mask = batch["mask"].astype(jnp.float32)
         per_sample = cross_entropy(logits, batch["label"], label_smoothing)
         predictions = jnp.argmax(logits, -1)
@@ -300,12 +301,18 @@ class Engine:
     mesh: Optional[Mesh] = None
     on_padding: Optional[Callable[[str], None]] = None
     normalization: Normalization = None  # (mean, std) for uint8 batches, normalised on the device
+    # the devices of evaluation passes (default: the train steps' mesh). A forward pass may gain
+    # from devices a step would not (the CPU split in two: docs/engine.md); the weights are then
+    # copied onto them once per state evaluated
+    eval_mesh: Optional[Mesh] = None
 
     def __post_init__(self) -> None:
         self.mesh = self.mesh or data_mesh()
+        self.eval_mesh = self.eval_mesh or self.mesh
         self.epoch = 0
         self.labels: dict = {}
         self.state: Optional[TrainState] = None
+        self._eval_copy: Optional[tuple[TrainState, Any]] = None  # (a state, its variables etc. on eval_mesh)
         self._configure(self.strategy.labels(self.model, self.variables["params"], epoch=0))
         self._padding_reported = False
 
@@ -332,12 +339,15 @@ class Engine:
                               in_shardings=(replicated, batch_sharding, replicated, replicated),
                               out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
         self._halted = self._no_halt()
+        on_eval_mesh = NamedSharding(self.eval_mesh, P())
         self._eval = jax.jit(make_eval_step(self.model, self.normalization),
-                             in_shardings=(replicated, batch_sharding, replicated), out_shardings=replicated)
+                             in_shardings=(on_eval_mesh, NamedSharding(self.eval_mesh, P("data")), on_eval_mesh),
+                             out_shardings=on_eval_mesh)
         settings = {**runtime_values(self.optim), "label_smoothing": self.label_smoothing}
         with np.errstate(over="ignore"):  # float32 as the step computes: a rate of 1e39 is inf there too
             settings = {k: np.float32(v) for k, v in settings.items()}
         self.settings = replicate(settings, self.mesh)
+        self._eval_copy = None
 
     def set_epoch(self, epoch: int) -> bool:
         """Tell the engine which epoch starts; returns True when gradual unfreezing moved on."""
@@ -353,20 +363,22 @@ class Engine:
         flat = traverse_util.flatten_dict(self.labels)
         return traverse_util.unflatten_dict({k: FROZEN if v == FROZEN else v.split("*")[0] for k, v in flat.items()})
 
-    def _place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    def _place(self, batch: Mapping[str, np.ndarray], mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
+        mesh = mesh or self.mesh
         if jax.process_count() > 1:  # this process's block, padded by the loader as every process pads
-            return shard_batch(batch, self.mesh)
-        padded, pad = pad_batch(batch, self.devices)
+            return shard_batch(batch, mesh)
+        padded, pad = pad_batch(batch, mesh.devices.size)
         if pad and not self._padding_reported and self.on_padding:
-            self.on_padding(f"a batch of {len(batch['label'])} does not divide over {self.devices} devices: padded "
-                            f"with {pad} masked samples (they change no loss, metric or BatchNorm statistic)")
+            self.on_padding(f"a batch of {len(batch['label'])} does not divide over {mesh.devices.size} devices: "
+                            f"padded with {pad} masked samples (they change no loss, metric or BatchNorm statistic)")
             self._padding_reported = True
-        return shard_batch(padded, self.mesh)
+        return shard_batch(padded, mesh)
 
     def dispatch_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Queue a train step on the device and return its metrics as device arrays, without
         waiting for it: the host goes on to load the next batch while the device computes.
         Pass the metrics to ``collect`` (every few steps) to read them and to learn of a NaN."""
+        self._eval_copy = None  # the step donates the state; a copy made for evaluation would be stale
         self.state, metrics, self._halted = self._train(self.state, self._place(batch), self._halted, self.settings)
         return metrics
 
@@ -405,10 +417,28 @@ class Engine:
         """One step, waited for: its metrics on the host (NonFiniteLossError on a NaN)."""
         return self.collect([self.dispatch_step(batch)])[0]
 
+    def eval_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
+        """What ``eval_step`` passes the jitted eval step for ``batch``: the model's variables
+        and label smoothing on ``eval_mesh`` (copied there once per state when it is not the
+        steps' mesh), and the batch."""
+        if self.eval_mesh == self.mesh:
+            variables, label_smoothing = self.state.variables, self.settings["label_smoothing"]
+        else:
+            if self._eval_copy is None or self._eval_copy[0] is not self.state:
+                on_eval_mesh = NamedSharding(self.eval_mesh, P())
+                self._eval_copy = (self.state, jax.device_put((self.state.variables, self.settings["label_smoothing"]),
+                                                              on_eval_mesh))
+            variables, label_smoothing = self._eval_copy[1]
+        return variables, self._place(batch, self.eval_mesh), label_smoothing
+
+    @property
+    def compiled_eval_step(self) -> Callable:
+        return self._eval
+
     def eval_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Sums over the batch's real samples, and their labels and predictions (every
         process gets those of the whole global batch: its padding, masked, comes last)."""
-        metrics = jax.device_get(self._eval(self.state, self._place(batch), self.settings["label_smoothing"]))
+        metrics = jax.device_get(self._eval(*self.eval_arguments(batch)))
         n = int(metrics["count"])
         metrics["predictions"], metrics["labels"] = metrics["predictions"][:n], metrics["labels"][:n]
         return metrics

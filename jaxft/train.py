@@ -320,8 +320,12 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     # tool split the CPU into two devices, both only for forward-pass steps over enough pixels
     mesh = data_mesh(runtime.run_devices(trains_backbone=strategy.name != "head", batch_size=cfg.batch_size,
                                          image_size=eval_t.crop_size))
-    if runtime.cpu_split_in_use(list(mesh.devices.flat)):
-        log(f"steps on {mesh.devices.size} CPU devices, a part of each batch on each: XLA:CPU runs many "
+    eval_batch = max(cfg.batch_size, 64)
+    eval_mesh = data_mesh(runtime.run_devices(trains_backbone=False, batch_size=eval_batch,
+                                              image_size=eval_t.crop_size))  # forward passes
+    if runtime.cpu_split_in_use(list(eval_mesh.devices.flat)):
+        on = "steps and evaluation" if eval_mesh == mesh else "evaluation (the steps on one)"
+        log(f"{on} on {eval_mesh.devices.size} CPU devices, a part of each batch on each: XLA:CPU runs many "
             f"convolutions on one core (JAXFT_XLA_DEFAULTS=0 keeps one device; docs/engine.md)")
     share = batch_share(mesh)
     if cfg.batch_size % share.multiple:
@@ -332,8 +336,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     if use_features:
         named = {name: split for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
                  if split is not None}
-        features = {name: extract_features(model, variables, split, eval_t, batch_size=max(cfg.batch_size, 64),
-                                           num_workers=cfg.workers, mesh=mesh) for name, split in named.items()}
+        features = {name: extract_features(model, variables, split, eval_t, batch_size=eval_batch,
+                                           num_workers=cfg.workers, mesh=eval_mesh) for name, split in named.items()}
         log("features: " + ", ".join(f"{name} {'from cache' if f.from_cache else 'computed'}"
                                      for name, f in features.items()))
         data = {"test": None, **{name: f.as_split(name) for name, f in features.items()}}
@@ -357,7 +361,6 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     workers = 0 if use_features else cfg.workers
     loader = train_loader(data["train"], train_t, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
                           num_workers=workers, share=share)
-    eval_batch = max(cfg.batch_size, 64)
     # Evaluation loads with threads in this process, not worker processes: a pass starts a new
     # iterator, and spawning workers for it (they import jaxft afresh) took ~2 s, every epoch.
     val_loader = eval_loader(data["val"], loader_eval_t, eval_batch, num_threads=max(workers, 1), share=share)
@@ -367,7 +370,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
                         int(cfg.warmup_epochs * loader.steps_per_epoch), cfg.clip_grad)
     engine = Engine(engine_model, engine_variables, engine_strategy, optim, total_steps=len(loader),
                     bn_policy=cfg.bn_frozen, label_smoothing=cfg.label_smoothing, lr_rules=lr_rules,
-                    layer_decay=cfg.layer_decay, seed=cfg.seed, mesh=mesh, normalization=normalization)
+                    layer_decay=cfg.layer_decay, seed=cfg.seed, mesh=mesh, normalization=normalization,
+                    eval_mesh=eval_mesh)
     return RunParts(strategy, splits, model, variables, info, full_labels, eval_t, engine, loader, val_loader,
                     test_loader, learning_rate_schedule(optim, len(loader)), use_features, reason)
 
@@ -630,6 +634,7 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
         "train_seconds": round(progress.train_seconds, 2),
         "images_per_sec": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
         "devices": engine.devices,
+        "eval_devices": int(engine.eval_mesh.devices.size),
         "processes": jax.process_count(),
         "feature_cache": ({"used": parts.use_features, "reason": parts.feature_reason}
                           if parts.strategy.name == "head" else None),

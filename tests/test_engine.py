@@ -352,7 +352,7 @@ def test_runs_that_differ_only_in_runtime_settings_share_one_compiled_step(resne
     batch = _batch(0)
     train_program = [e.compiled_train_step.lower(*e.step_arguments(batch)).as_text() for e in (a, b)]
     assert train_program[0] == train_program[1]
-    eval_program = [e._eval.lower(e.state, e._place(batch), e.settings["label_smoothing"]).as_text() for e in (a, b)]
+    eval_program = [e.compiled_eval_step.lower(*e.eval_arguments(batch)).as_text() for e in (a, b)]
     assert eval_program[0] == eval_program[1]
     losses = [e.eval_step(batch)["loss_sum"] for e in (a, b)]
     assert losses[0] != losses[1]  # the same weights: only label smoothing differs

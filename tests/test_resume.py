@@ -157,7 +157,7 @@ def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_
     reference = tmp_path / "reference"
     result = cli("jaxft.train", *args, "--out", reference, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "steps on 2 CPU devices" in result.stdout and _summary(reference)["devices"] == 2
+    assert "steps and evaluation on 2 CPU devices" in result.stdout and _summary(reference)["devices"] == 2
 
     run = tmp_path / "run"
     proc = start_training(*args, "--out", run, env=env)
@@ -169,7 +169,8 @@ def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_
     shutil.copytree(run, elsewhere)
     result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed {run} at step {latest}" in result.stdout and "steps on 2 CPU devices" in result.stdout
+    assert f"resumed {run} at step {latest}" in result.stdout
+    assert "steps and evaluation on 2 CPU devices" in result.stdout
     assert "device(s) and continue on" not in result.stdout
     assert_same_result(_summary(run), _summary(reference))
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from clitools import assert_same_result, cli, interrupt_when, logged_steps, saved_steps, start_training
+from clitools import (TWO_CORES, assert_same_result, cli, interrupt_when, logged_steps, saved_steps,
+                      start_training)
 
 # Small and fast: digits 5-9 at 32 px, two epochs of 22 steps.
 FAST = ["--epochs", "2", "--batch-size", "32", "--strategy", "partial:0.8", "--quiet"]
@@ -330,3 +331,36 @@ def test_steps_read_the_device_only_at_log_intervals(source_checkpoint, tmp_path
     # collects at global steps 4, 6 (a checkpoint), 8, 11 (epoch end) | 12, 16, 18 (checkpoint), 20, 22 (end)
     assert collected == [4, 2, 2, 3, 1, 4, 2, 2, 2] and sum(collected) == 2 * steps_per_epoch
     assert summary["val"]["accuracy"] > 0.5 and summary["steps"] == 2 * steps_per_epoch
+
+
+@TWO_CORES
+def test_evaluation_runs_on_the_split_cpu_while_steps_train_on_one_device_as_without_the_split(env, tmp_path):
+    """`partial:0.8` at 64 px: its steps (16 x 64^2 pixels) are under the split's threshold and
+    run on one device; its evaluation passes (64 x 64^2, forward only) are over it and run on the
+    CPU's two devices. The training is the one-device run's bit for bit, and so are the val
+    accuracies; val losses differ only in the order of their float32 sums."""
+    env = {**env, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # no device count of the user's: jaxft chooses
+    args = ["--strategy", "partial:0.8", "--image-size", "64", "--batch-size", "16", "--epochs", "1",
+            "--log-every", "5", "--quiet"]
+    runs = {"split": tmp_path / "split", "one": tmp_path / "one"}
+    split = cli("jaxft.train", *args, "--out", runs["split"], env=env)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "evaluation (the steps on one) on 2 CPU devices" in split.stdout, split.stdout[-3000:]
+    one = cli("jaxft.train", *args, "--out", runs["one"], env={**env, "JAXFT_XLA_DEFAULTS": "0"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "CPU devices" not in one.stdout
+    summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in runs.items()}
+    assert (summaries["split"]["devices"], summaries["split"]["eval_devices"]) == (1, 2)
+    assert (summaries["one"]["devices"], summaries["one"]["eval_devices"]) == (1, 1)
+
+    records = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for name, run in runs.items()}
+    steps = {name: [(r["step"], r["loss"], r["accuracy"], r["grad_norm"]) for r in rs if r["event"] == "step"]
+             for name, rs in records.items()}
+    assert len(steps["one"]) >= 8 and steps["split"] == steps["one"]  # the same training, bit for bit
+    assert summaries["split"]["train"] == summaries["one"]["train"]
+    epochs = {name: [r for r in rs if r["event"] == "epoch"] for name, rs in records.items()}
+    for split_epoch, one_epoch in zip(epochs["split"], epochs["one"], strict=True):
+        assert split_epoch["val_accuracy"] == one_epoch["val_accuracy"]
+        assert split_epoch["val_loss"] == pytest.approx(one_epoch["val_loss"], rel=1e-6)
+    assert summaries["split"]["val"]["confusion_matrix"] == summaries["one"]["val"]["confusion_matrix"]
