@@ -108,7 +108,9 @@ def inference_section(args: argparse.Namespace, setup: steps.Setup) -> tuple[rep
             failures += steps.inference_problems(results[-1], setup)
     section = report.Section("Inference throughput", *steps.inference_table(results, setup),
                              note=f"Eval mode, {setup.describe()}: jitted `model.apply(train=False)` against "
-                                  "torch `eval()` under `inference_mode`.")
+                                  "torch `eval()` under `inference_mode`. jaxft runs as `python -m jaxft.predict` "
+                                  "does: uint8 crops normalised on the device, on the devices it would use (both "
+                                  "halves of the split CPU over 200,000 pixels a batch).")
     return section, failures
 
 

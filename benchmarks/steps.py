@@ -12,7 +12,8 @@ frameworks draw different masks, which would make that loss incomparable, and dr
 to nothing.
 
 Inference = the eval-mode forward: a jitted ``model.apply(train=False)`` against torch's
-``eval()`` under ``inference_mode``, logits compared.
+``eval()`` under ``inference_mode``, logits compared; jaxft's as ``jaxft.predict`` runs it (uint8
+crops normalised on the device, its devices).
 
 Every contender is timed round-robin in one process (``interleaved_medians``); read the ratios.
 """
@@ -35,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import interleaved_medians
 from jaxft import create_model, runtime, to_torch
-from jaxft.engine import Engine, data_mesh, replicate
+from jaxft.engine import Engine, data_mesh, model_input, replicate
 from jaxft.freeze import parse_strategy
 from jaxft.optim import OptimConfig
 from jaxft.parity import freeze_like, rel_l2
@@ -330,17 +331,19 @@ class InferenceResult:
 
 
 def bench_inference(arch: str, size: int, setup: Setup) -> InferenceResult:
-    """Time the eval-mode forward of both frameworks on the same weights and batch, jaxft's on
-    the devices ``python -m jaxft.predict`` would use."""
+    """Time the eval-mode forward of both frameworks on the same weights and batch, jaxft's as
+    ``python -m jaxft.predict`` runs it: on the devices it would use, from uint8 crops
+    normalised on the device (torch's from the same pixels normalised on the host)."""
     model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
     variables = init_variables(model)
-    images = random_batch(setup.batch_size, size)["image"]
+    batch = random_batch(setup.batch_size, size)
     twin = torch_twin(arch, variables, setup).eval()
-    x = torch_images(images, setup)
+    x = torch_images(batch["image"], setup)
     devices = bench_devices(False, setup.device, setup.batch_size, size)
     mesh = data_mesh(devices)
-    on_device, placed = replicate(variables, mesh), jax.device_put(images, NamedSharding(mesh, P("data")))
-    forward = jax.jit(lambda v, batch: model.apply(v, batch, train=False))
+    on_device, placed = replicate(variables, mesh), jax.device_put(batch["pixels"], NamedSharding(mesh, P("data")))
+    normalization = (IMAGENET_MEAN, IMAGENET_STD)
+    forward = jax.jit(lambda v, pixels: model.apply(v, model_input(pixels, normalization), train=False))
 
     def jax_forward() -> jax.Array:
         return jax.block_until_ready(forward(on_device, placed))
