@@ -320,6 +320,10 @@ class Engine:
     def devices(self) -> int:
         return self.mesh.devices.size
 
+    @property
+    def eval_devices(self) -> int:
+        return self.eval_mesh.devices.size
+
     def _configure(self, labels: dict) -> None:
         self.labels, self.multipliers = lr_groups(labels, self.model, self.lr_rules, self.layer_decay)
         # the step builds its optimizer from the settings it is given (arrays), so that runs
@@ -339,15 +343,15 @@ class Engine:
                               in_shardings=(replicated, batch_sharding, replicated, replicated),
                               out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
         self._halted = self._no_halt()
-        on_eval_mesh = NamedSharding(self.eval_mesh, P())
+        self._on_eval_mesh = NamedSharding(self.eval_mesh, P())
         self._eval = jax.jit(make_eval_step(self.model, self.normalization),
-                             in_shardings=(on_eval_mesh, NamedSharding(self.eval_mesh, P("data")), on_eval_mesh),
-                             out_shardings=on_eval_mesh)
+                             in_shardings=(self._on_eval_mesh, NamedSharding(self.eval_mesh, P("data")),
+                                           self._on_eval_mesh),
+                             out_shardings=self._on_eval_mesh)
         settings = {**runtime_values(self.optim), "label_smoothing": self.label_smoothing}
         with np.errstate(over="ignore"):  # float32 as the step computes: a rate of 1e39 is inf there too
             settings = {k: np.float32(v) for k, v in settings.items()}
         self.settings = replicate(settings, self.mesh)
-        self._eval_copy = None
 
     def set_epoch(self, epoch: int) -> bool:
         """Tell the engine which epoch starts; returns True when gradual unfreezing moved on."""
@@ -419,16 +423,12 @@ class Engine:
 
     def eval_arguments(self, batch: Mapping[str, np.ndarray]) -> tuple:
         """What ``eval_step`` passes the jitted eval step for ``batch``: the model's variables
-        and label smoothing on ``eval_mesh`` (copied there once per state when it is not the
-        steps' mesh), and the batch."""
-        if self.eval_mesh == self.mesh:
-            variables, label_smoothing = self.state.variables, self.settings["label_smoothing"]
-        else:
-            if self._eval_copy is None or self._eval_copy[0] is not self.state:
-                on_eval_mesh = NamedSharding(self.eval_mesh, P())
-                self._eval_copy = (self.state, jax.device_put((self.state.variables, self.settings["label_smoothing"]),
-                                                              on_eval_mesh))
-            variables, label_smoothing = self._eval_copy[1]
+        and label smoothing on ``eval_mesh`` (placed there once per state: a copy where it is not
+        the steps' mesh, the same arrays where it is), and the batch."""
+        if self._eval_copy is None or self._eval_copy[0] is not self.state:
+            arguments = (self.state.variables, self.settings["label_smoothing"])
+            self._eval_copy = (self.state, jax.device_put(arguments, self._on_eval_mesh))
+        variables, label_smoothing = self._eval_copy[1]
         return variables, self._place(batch, self.eval_mesh), label_smoothing
 
     @property

@@ -634,7 +634,7 @@ def final_report(parts: RunParts, cfg: TrainConfig, files: RunWriter, progress: 
         "train_seconds": round(progress.train_seconds, 2),
         "images_per_sec": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
         "devices": engine.devices,
-        "eval_devices": int(engine.eval_mesh.devices.size),
+        "eval_devices": engine.eval_devices,
         "processes": jax.process_count(),
         "feature_cache": ({"used": parts.use_features, "reason": parts.feature_reason}
                           if parts.strategy.name == "head" else None),
