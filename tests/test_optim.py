@@ -6,7 +6,12 @@ Trajectories are judged as docs/parity.md judges ill-conditioned parity: the ref
 in float64, and jaxft must be no further from it than torch's own float32 run is, within a factor
 2 (two float32 programs that round and sum in different orders are each about as far off), or
 within a floor of a few float32 ulps (torch float32 can land closer than its rounding warrants by
-chance, on a loss or a small tensor).
+chance, on a loss or a small tensor). Which float32 program rounds closer on one trajectory is
+chance, and the chance moves with the CPU (the summation orders of AVX2 and AVX-512 kernels
+differ): so each trajectory runs from SEEDS starts (the initial weights and the batch order), each
+seed's jaxft distance is judged against torch float32's on the same seed, and the median over the
+seeds must be within the bound (``assert_no_further_than_torch_over_seeds``). An error every seed
+shares, such as optax's own bias correction below, still fails.
 
 Two places where optax's own transforms differ from torch are written to torch's formula in
 jaxft.optim: Adam's bias correction (optax rounds beta2 to float32 first, 1.3e-5 off at t = 1) and
@@ -16,7 +21,7 @@ clipping (torch divides by norm + 1e-6); with optax's versions, "adam*" and "sgd
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -37,6 +42,7 @@ from jaxft.parity import rel_l2, torch_train_loop
 
 FLOOR = 4 * float(np.finfo(np.float32).eps)  # 4.8e-7: a few float32 ulps
 STEPS, BATCH = 10, 64  # linear-classifier trajectories
+SEEDS = range(5)  # starts of each linear-classifier trajectory (initial weights, batch order)
 CLIP = 0.15  # well below every pre-clip gradient norm of the "clip" trajectory (asserted)
 
 
@@ -142,16 +148,16 @@ TRAJECTORIES = {
 
 
 @pytest.fixture(scope="module")
-def digit_batches() -> list[tuple[np.ndarray, np.ndarray]]:
-    """STEPS batches of real digits 5-9, flattened 8x8 grey levels in [0, 1]."""
+def digit_batches() -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per seed, STEPS batches of real digits 5-9 in that seed's order, flattened 8x8 grey levels in [0, 1]."""
     images, labels, _ = digits(range(5, 10))
     x = images[..., 0].reshape(len(images), 64).astype(np.float32) / 255.0
-    order = np.random.default_rng(0).permutation(len(x))[:STEPS * BATCH].reshape(STEPS, BATCH)
-    return [(x[idx], labels[idx]) for idx in order]
+    orders = [np.random.default_rng(seed).permutation(len(x))[:STEPS * BATCH].reshape(STEPS, BATCH) for seed in SEEDS]
+    return [[(x[idx], labels[idx]) for idx in order] for order in orders]
 
 
-def _initial_linear() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)
+def _initial_linear(seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
     layer = torch.nn.Linear(64, 5)
     return {"weight": layer.weight.detach().numpy().copy(), "bias": layer.bias.detach().numpy().copy()}
 
@@ -197,17 +203,36 @@ def _distance(got, torch32, reference) -> tuple[float, float]:
     return rel_l2(np.atleast_1d(got), reference), rel_l2(np.atleast_1d(torch32), reference)
 
 
+def share_of_bound(ours: float, theirs: float) -> float:
+    """jaxft's distance from float64 as a share of the bound, twice torch float32's or FLOOR: > 1 fails."""
+    return ours / max(2 * theirs, FLOOR)
+
+
 def assert_no_further_than_torch(distances: dict[str, tuple[float, float]]) -> None:
     """jaxft within twice torch float32's distance from float64, or within FLOOR (module doc)."""
     for what, (ours, theirs) in distances.items():
-        assert ours <= max(2 * theirs, FLOOR), (
-            f"{what}: jaxft {ours:.2e} from float64, torch float32 {theirs:.2e}")
+        assert share_of_bound(ours, theirs) <= 1, f"{what}: jaxft {ours:.2e} from float64, torch float32 {theirs:.2e}"
 
 
-def trajectory_distances(case: Trajectory, batches) -> tuple[dict[str, tuple[float, float]], dict[str, list]]:
+def assert_no_further_than_torch_over_seeds(per_seed: Sequence[dict[str, tuple[float, float]]]) -> None:
+    """Per step loss and per tensor, the median over seeds of jaxft's share of the bound, each seed's
+    jaxft distance against torch float32's on that seed, is at most 1 (module doc). Paired by seed,
+    because a seed sets how ill-conditioned a tensor's trajectory is: torch float32's own distance
+    on one tensor ranges over 60x between seeds (docs/parity.md)."""
+    assert len(per_seed) >= 3 and all(d.keys() == per_seed[0].keys() for d in per_seed)
+    for what in per_seed[0]:
+        shares = [share_of_bound(*d[what]) for d in per_seed]
+        assert np.median(shares) <= 1, (
+            f"{what}: jaxft's distance from float64 over the bound on most seeds; per seed, jaxft "
+            f"{' '.join(f'{d[what][0]:.2e}' for d in per_seed)}, torch float32 "
+            f"{' '.join(f'{d[what][1]:.2e}' for d in per_seed)}")
+
+
+def trajectory_distances(case: Trajectory, batches, seed: int) -> tuple[dict[str, tuple[float, float]],
+                                                                         dict[str, list]]:
     """{name: (jaxft, torch float32) distance from torch float64} for every step's loss and every
     final parameter, and the pre-clip gradient norms of jaxft and of torch float64."""
-    init = _initial_linear()
+    init = _initial_linear(seed)
     losses64, final64, norms64 = _torch_trajectory(case, batches, init, torch.float64)
     losses32, final32, _ = _torch_trajectory(case, batches, init, torch.float32)
     losses, final, norms = _jaxft_trajectory(case, batches, init)
@@ -219,10 +244,13 @@ def trajectory_distances(case: Trajectory, batches) -> tuple[dict[str, tuple[flo
 @pytest.mark.parametrize("name", TRAJECTORIES)
 def test_optimizer_trajectory_matches_torch(name, digit_batches):
     case = TRAJECTORIES[name]
-    distances, norms = trajectory_distances(case, digit_batches)
-    if case.cfg.clip_grad:  # the clip must really clip, at every step, on both sides
-        assert min(norms["torch float64"]) > CLIP and min(norms["jaxft"]) > CLIP, norms
-    assert_no_further_than_torch(distances)
+    per_seed = []
+    for seed, batches in zip(SEEDS, digit_batches):
+        distances, norms = trajectory_distances(case, batches, seed)
+        if case.cfg.clip_grad:  # the clip must really clip, at every step, on both sides
+            assert min(norms["torch float64"]) > CLIP and min(norms["jaxft"]) > CLIP, (seed, norms)
+        per_seed.append(distances)
+    assert_no_further_than_torch_over_seeds(per_seed)
 
 
 # --- per-group learning rates and layer decay on a resnet18 ---------------------------------------
