@@ -244,6 +244,26 @@ def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, 
         assert rel_l2(np.asarray(g, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 
+def test_kernel_gradient_tap_route_takes_vgg_layers_and_no_resnet_layer_at_224_px():
+    """Which stride-1 3x3 layers take the tap route (shapes only): at batch 16 x 224 px vgg16's
+    layers of 128 channels and up, and its 224x224x64 `features_2` (docs/benchmarks.md: faster on
+    both CPUs measured); not its first layer (3 input channels, 9 MiB), no ResNet layer at batch 16,
+    and not ResNet's 56x56x64 layers up to batch 128 (slower as matmuls on the AMD CPU)."""
+    from jaxft.models import layers
+
+    def takes_route(batch: int, size: int, c_in: int, c_out: int) -> bool:
+        x = jax.ShapeDtypeStruct((batch, size, size, c_in), jnp.float32)
+        return layers._use_tap_kernel_grad(x, c_out, (3, 3), (1, 1), ((1, 1), (1, 1)), 1)
+
+    assert takes_route(16, 224, 64, 64)  # vgg16 features_2
+    assert takes_route(16, 112, 64, 128) and takes_route(16, 112, 128, 128) and takes_route(16, 56, 256, 256)
+    assert not takes_route(16, 224, 3, 64)  # features_0
+    assert not takes_route(8, 224, 64, 64)  # 98 MiB: below the bar for 64 channels
+    for batch in (16, 64, 128):  # resnet18/34 layer1 and resnet50's 3x3 layer1 convolutions
+        assert not takes_route(batch, 56, 64, 64)
+    assert not takes_route(16, 28, 128, 128) and not takes_route(16, 14, 256, 256)
+
+
 @pytest.mark.parametrize("hw,kernel,pad,cout", [((4, 4), 3, 1, 16), ((3, 4), 3, 1, 8), ((3, 3), 5, 2, 8)])
 def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel, pad, cout):
     """Conv's route for strided convolutions over small maps (the input gradient as one stride-1

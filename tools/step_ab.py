@@ -14,7 +14,8 @@ Variant syntax: words joined by '+': ``default`` (XLA's defaults), ``ynn=T1,T2``
 xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, DOT, INDIVIDUAL_DOT;
 ``ynn=`` turns YNN fusions off), ``bn=NAME``, ``tapgrad=0`` (``layers.Conv`` never takes its
 matmul route for the kernel gradient: XLA's convolution everywhere, as before that route),
-``pointwise=0`` (unpadded 1x1 convolutions as XLA's convolution, as before they became matmuls).
+``pointwise=0`` (unpadded 1x1 convolutions as XLA's convolution, as before they became matmuls),
+``tapwide=0`` (the tap route only for >= 128 output channels, as before it took vgg16's ``features_2``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def parse_variant(text: str) -> tuple[dict, str]:
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
+        elif key == "tapwide":  # tapwide=0: the tap route for >= 128 output channels only, as before 2026-11-29
+            options["_tapwide"] = value
         else:
             options[key] = {"true": True, "false": False}.get(value, value)
     return options, bn
@@ -75,12 +78,16 @@ def main() -> None:
              "label": rng.integers(0, 10, args.batch_size)}
     runners = {}
     default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
+    default_wide_bytes = layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES
     use_pointwise = layers._use_pointwise_matmul
     for text in args.variants:
         options, bn = parse_variant(text)
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
-        layers.TAP_KERNEL_GRAD_MIN_BYTES = float("inf") if options.pop("_tapgrad", "1") == "0" else default_min_bytes
+        tap_route = options.pop("_tapgrad", "1") != "0"
+        layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes if tap_route else float("inf")
+        layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = (
+            default_wide_bytes if tap_route and options.pop("_tapwide", "1") != "0" else float("inf"))
         layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
         engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
                         OptimConfig("adam", lr=1e-4), bn_policy="torch")
@@ -94,6 +101,7 @@ def main() -> None:
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
+    layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes
     layers._use_pointwise_matmul = use_pointwise
 
     def run(name: str) -> float:

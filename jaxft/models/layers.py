@@ -259,18 +259,25 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: i
 # a stride-1 kxk convolution over large maps is 2-4x slower than the same sums as k*k matmuls (the
 # input map's shifted views against the output gradient, contracted over N*H*W), e.g. vgg16's
 # 112x112, 128 -> 128 layer at batch 16: 2.6 s against 0.74 s, and also 10x further from float64
-# (5.8e-6 against 5.1e-7). Measured on this project's 2-core CPU: the matmuls win from about 24 MiB
-# of input map with >= 128 output channels, and lose on smaller maps (resnet's 56x56x64: 56 vs
-# 166 ms), so the route is taken only there (docs/benchmarks.md).
+# (5.8e-6 against 5.1e-7). Measured on the project's 2-core AMD EPYC: the matmuls win from about
+# 24 MiB of input map with >= 128 output channels, and lose on smaller maps (resnet's 56x56x64: 56
+# vs 166 ms), so the route is taken only there (docs/benchmarks.md).
 TAP_KERNEL_GRAD_MIN_BYTES = 24 * 2**20
 TAP_KERNEL_GRAD_MIN_FEATURES = 128
+# Narrower layers only over maps this large (vgg16's 224x224x64 `features_2` at batch 16, 196 MiB):
+# there the matmuls won on both CPUs measured, AMD EPYC 1.8 -> 1.4 s and Intel Xeon 3.3 -> 1.6 s,
+# where over resnet's 56x56x64 maps at batch 16 they lose on the AMD (56 -> 166 ms) and win a little
+# on the Intel (114 -> 99 ms)
+TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = 128 * 2**20
 
 
 def _use_tap_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
                          padding: Any, groups: int) -> bool:
+    nbytes = x.size * x.dtype.itemsize
+    large = ((features >= TAP_KERNEL_GRAD_MIN_FEATURES and nbytes >= TAP_KERNEL_GRAD_MIN_BYTES)
+             or nbytes >= TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES)
     return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and groups == 1 and max(kernel_size) > 1
-            and tuple(strides) == (1, 1) and not isinstance(padding, str) and features >= TAP_KERNEL_GRAD_MIN_FEATURES
-            and x.size * x.dtype.itemsize >= TAP_KERNEL_GRAD_MIN_BYTES)
+            and tuple(strides) == (1, 1) and not isinstance(padding, str) and large)
 
 
 def _strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, strides: tuple, padding: tuple) -> jnp.ndarray:
