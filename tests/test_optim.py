@@ -218,7 +218,7 @@ def assert_no_further_than_torch_over_seeds(per_seed: Sequence[dict[str, tuple[f
     """Per step loss and per tensor, the median over seeds of jaxft's share of the bound, each seed's
     jaxft distance against torch float32's on that seed, is at most 1 (module doc). Paired by seed,
     because a seed sets how ill-conditioned a tensor's trajectory is: torch float32's own distance
-    on one tensor ranges over 60x between seeds (docs/parity.md)."""
+    on one tensor spans 65x over five seeds (docs/parity.md)."""
     assert len(per_seed) >= 3 and all(d.keys() == per_seed[0].keys() for d in per_seed)
     for what in per_seed[0]:
         shares = [share_of_bound(*d[what]) for d in per_seed]
