@@ -246,7 +246,7 @@ def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, 
 
 def test_kernel_gradient_tap_route_takes_vgg_layers_and_no_resnet_layer_at_224_px():
     """Which stride-1 3x3 layers take the tap route (shapes only): at batch 16 x 224 px vgg16's
-    layers of 128 channels and up, and its 224x224x64 `features_2` (docs/benchmarks.md: faster on
+    layers of 128 channels and up over maps from 24 MiB, and its 224x224x64 `features_2` (docs/benchmarks.md: faster on
     both CPUs measured); not its first layer (3 input channels, 9 MiB), no ResNet layer at batch 16,
     and not ResNet's 56x56x64 layers up to batch 128 (slower as matmuls on the AMD CPU)."""
     from jaxft.models import layers

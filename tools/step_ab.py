@@ -84,10 +84,9 @@ def main() -> None:
         options, bn = parse_variant(text)
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
-        tap_route = options.pop("_tapgrad", "1") != "0"
+        tap_route, tap_wide = options.pop("_tapgrad", "1") != "0", options.pop("_tapwide", "1") != "0"
         layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes if tap_route else float("inf")
-        layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = (
-            default_wide_bytes if tap_route and options.pop("_tapwide", "1") != "0" else float("inf"))
+        layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes if tap_route and tap_wide else float("inf")
         layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
         engine = Engine(create_model(args.arch, num_classes=10), variables, parse_strategy(args.strategy),
                         OptimConfig("adam", lr=1e-4), bn_policy="torch")
