@@ -382,7 +382,9 @@ class Engine:
         """Queue a train step on the device and return its metrics as device arrays, without
         waiting for it: the host goes on to load the next batch while the device computes.
         Pass the metrics to ``collect`` (every few steps) to read them and to learn of a NaN."""
-        self._eval_copy = None  # the step donates the state; a copy made for evaluation would be stale
+        # a new state makes the evaluation copy stale (eval_arguments checks which state it holds);
+        # dropped here so that the copy's memory and the donated state are not held while training
+        self._eval_copy = None
         self.state, metrics, self._halted = self._train(self.state, self._place(batch), self._halted, self.settings)
         return metrics
 
