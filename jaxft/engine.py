@@ -34,7 +34,8 @@ Normalization = Optional[tuple[Sequence[float], Sequence[float]]]  # (mean, std)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss, gradients, optimizer state or parameters became NaN/inf; the state kept is the
+    """The loss, gradients, optimizer state or parameters became NaN/inf (the state: or over
+    ``SAFE_MAGNITUDE``, 2**126, in magnitude); the state kept is the
     last good one. ``index``: which of the collected steps was refused; ``collected``: the
     metrics of the steps before it, which did train."""
 
@@ -106,21 +107,42 @@ def _merge(*parts: Mapping) -> dict:
     return traverse_util.unflatten_dict({k: v for part in parts for k, v in part.items()})
 
 
-def _nonfinite_bits(tagged: Sequence[tuple[int, Any]]) -> jnp.ndarray:
-    """A uint8 scalar with ``bit`` set for each ``(bit, tree)`` in ``tagged`` that holds a NaN/inf.
+# The NaN guard refuses a state with any value beyond this magnitude, not only NaN/inf: the
+# state it checks and the one the step keeps are the same update computed in two places, which
+# XLA may round differently (a multiply-add contracted into an FMA in one and not the other). With
+# every kept value at most 2**126, such a rounding cannot carry a checked value past float32's
+# largest (just under 2**128), so the kept state is finite whenever the checked one passes.
+SAFE_MAGNITUDE = np.float32(2.0**126)
 
-    The floating-point leaves are grouped by shape; each group is folded element by element into
-    one uint8 code (``bit`` where a leaf is non-finite) and only that code is reduced: one fused
-    pass over a parameter and its optimizer moments, writing a byte per element, where a
-    per-leaf ``all(isfinite(.))`` wrote a boolean array per leaf and reduced each."""
-    groups: dict[tuple, jnp.ndarray] = {}
+
+def _checked_sums(grads: Any, tagged: Sequence[tuple[int, Any]]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The gradients' global L2 norm, and a uint8 scalar with ``bit`` set for each ``(bit, tree)``
+    in ``tagged`` that holds a NaN, an inf or a value beyond ``SAFE_MAGNITUDE``.
+
+    The floating-point leaves are grouped by shape. Per group, the squares of its gradients are
+    summed and its leaves folded element by element into a uint8 code (``bit`` where a leaf fails),
+    and one two-operand reduction takes both: XLA fuses the squares and codes into it and writes
+    nothing the size of a leaf. (The norm's reduction alone runs in YNNPACK, which fuses no
+    producer: XLA wrote every squared gradient out first, 400 MB for vgg16's classifier.)"""
+    squares: dict[tuple, jnp.ndarray] = {}
+    for g in jax.tree_util.tree_leaves(grads):
+        square = jnp.square(g.astype(jnp.float32))
+        squares[g.shape] = square if g.shape not in squares else squares[g.shape] + square
+    codes: dict[tuple, jnp.ndarray] = {}
     for bit, tree in tagged:
         for x in jax.tree_util.tree_leaves(tree):
             if jnp.issubdtype(x.dtype, jnp.inexact):
-                code = jnp.where(jnp.isfinite(x), np.uint8(0), np.uint8(bit))
-                groups[x.shape] = code if x.shape not in groups else groups[x.shape] | code
-    bits = [jax.lax.reduce(code, np.uint8(0), jax.lax.bitwise_or, tuple(range(code.ndim))) for code in groups.values()]
-    return functools.reduce(jnp.bitwise_or, bits, jnp.zeros((), jnp.uint8))
+                code = jnp.where(jnp.abs(x) <= SAFE_MAGNITUDE, np.uint8(0), np.uint8(bit))  # NaN fails too
+                codes[x.shape] = code if x.shape not in codes else codes[x.shape] | code
+    total, bits = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.uint8)
+    for shape in {**squares, **codes}:
+        square = squares.get(shape, jnp.zeros(shape, jnp.float32))
+        code = codes.get(shape, jnp.zeros(shape, jnp.uint8))
+        group_total, group_bits = jax.lax.reduce(
+            (square, code), (np.float32(0), np.uint8(0)),
+            lambda a, b: (a[0] + b[0], a[1] | b[1]), tuple(range(len(shape))))
+        total, bits = total + group_total, bits | group_bits
+    return jnp.sqrt(total), bits
 
 
 Settings = Mapping[str, jnp.ndarray]  # the runtime settings a step takes as arrays (Engine.settings)
@@ -159,30 +181,40 @@ def make_train_step(model: nn.Module, labels: Mapping[str, Any],
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         zero_frozen = {k: jnp.zeros_like(v) for k, v in frozen.items()}  # set_to_zero ignores them
-        updates, opt_state = tx.update(_merge(grads, zero_frozen), state.opt_state, state.params)
-        flat_updates = traverse_util.flatten_dict(updates)
-        new_trainable = {k: v + flat_updates[k].astype(v.dtype) for k, v in trainable.items()}
-        new_state = state.replace(step=state.step + 1, params=_merge(new_trainable, frozen),
-                                  batch_stats=batch_stats, opt_state=opt_state)
+        all_grads = _merge(grads, zero_frozen)
 
-        grad_norm = optax.tree.norm(grads)
+        def updated(params, opt_state) -> tuple[dict, Any]:
+            """The trainable parameters and optimizer state this step's update makes from these."""
+            updates, new_opt_state = tx.update(all_grads, opt_state, params)
+            flat_updates = traverse_util.flatten_dict(updates)
+            old_trainable, _ = _split(params, labels)
+            return {k: v + flat_updates[k].astype(v.dtype) for k, v in old_trainable.items()}, new_opt_state
+
         # What became non-finite, in the order it would happen. A finite gradient can still
         # overflow Adam's second moment (g**2) or the parameters (p + huge update), so the
-        # state the step would keep is checked too, not only the loss and the gradients: in
-        # one fused pass that writes a byte per element (_nonfinite_bits).
-        bits = _nonfinite_bits([(1, opt_state), (2, new_trainable), (2, batch_stats)])
+        # state the step would keep is checked too, not only the loss and the gradients. For the
+        # check that state is computed from the old one behind a barrier, so that XLA neither
+        # shares it with the update below nor writes it out: it fuses into the reductions of
+        # _checked_sums, which read each leaf once and write nothing the size of one (and check
+        # against SAFE_MAGNITUDE, because the update below is the same one computed again).
+        checked_params, checked_opt_state = jax.lax.optimization_barrier((state.params, state.opt_state))
+        candidate_trainable, candidate_opt_state = updated(checked_params, checked_opt_state)
+        grad_norm, bits = _checked_sums(grads, [(1, candidate_opt_state), (2, candidate_trainable), (2, batch_stats)])
         checks = {"loss": jnp.isfinite(loss), "gradients": jnp.isfinite(grad_norm),
                   "optimizer state": (bits & 1) == 0, "parameters": (bits & 2) == 0}
         finite = functools.reduce(jnp.logical_and, checks.values())
         # On NaN/inf, or after one, keep the previous state, so the caller stops with the last good one.
         keep = finite & ~halted
-        # lax.cond, not a select over the whole state: a kept step copies the new state into the
-        # donated buffers (one read, one write per element), where jnp.where(keep, new, old)
-        # read the old state too. The update itself is computed exactly as before the guard
-        # (same XLA fusions), because XLA:CPU contracts a*b + c*d into an FMA and which
-        # product it contracts depends on the fusion the update lands in: computing it inside
-        # the cond, or fused with a select, changes the last bits of some leaves.
-        new_state = jax.lax.cond(keep, lambda: new_state, lambda: state)
+        # The update itself, each element selected against the old one where it is computed: one
+        # fused pass per leaf reads the parameter, its gradient and moments and writes the new
+        # ones over the donated old ones (in place once copy insertion's region analysis sees that
+        # the old moments are read before they are overwritten: runtime.CPU_XLA_FLAGS). The state
+        # used to be computed once, checked, then committed (lax.cond), which held the trained
+        # parameters and moments twice: 1.4 GB more for vgg16's classifier, faulted in every step.
+        new_trainable, new_opt_state = updated(state.params, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=_merge(new_trainable, frozen),
+                                  batch_stats=batch_stats, opt_state=new_opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
         metrics = {
             "loss_sum": loss * jnp.sum(mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
@@ -397,8 +429,9 @@ class Engine:
             if not bool(metrics["finite"]):
                 self._halted = self._no_halt()
                 broken = next(name for name, ok in metrics["finite_parts"].items() if not ok)
+                what = "NaN/inf" if broken in ("loss", "gradients") else "NaN/inf or over 2**126 in magnitude"
                 error = NonFiniteLossError(
-                    f"the {broken} became NaN/inf at step {int(self.state.step) + 1}; the update was refused and "
+                    f"the {broken} became {what} at step {int(self.state.step) + 1}; the update was refused and "
                     f"the state kept is the last good one (a lower learning rate, gradient clipping or float32 "
                     f"compute may help).")
                 error.index, error.collected = index, fetched[:index]

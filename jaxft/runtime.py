@@ -1,6 +1,6 @@
 """The process-wide JAX settings jaxft chooses, applied once when ``jaxft`` is imported.
 
-* **XLA:CPU flags** (none at present, see ``CPU_XLA_FLAGS``). XLA reads ``XLA_FLAGS`` once, when
+* **XLA:CPU flags** (``CPU_XLA_FLAGS``: copy insertion's region analysis). XLA reads ``XLA_FLAGS`` once, when
   JAX starts its first backend, so the flags are added to the environment at import, before any
   device is touched. A flag the user
   already put in ``XLA_FLAGS`` is never changed (theirs wins, whatever its value), and
@@ -27,14 +27,22 @@ from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-# None at present. The one candidate measured, YNNPACK's reduction kernels
-# (--xla_cpu_experimental_ynn_fusion_type=reduce), made resnet18's full step at 224 px 17% faster
-# (1.56 -> 1.29 s) but its gradients in train mode 500x further from a float64 reference (3.6e-3
-# against XLA's own 7e-6; torch float32: 3e-6), which tests/test_parity.py's gradient test caught:
-# docs/benchmarks.md. A flag goes here only when the parity tests pass under it.
-CPU_XLA_FLAGS: dict[str, str] = {}
-# jaxlib releases (major, minor) whose XLA was checked to know every flag above.
-CHECKED_JAXLIB = {(0, 10), (0, 11)}
+# Copy insertion with region analysis: XLA proves more of its copies unneeded when a value is
+# read and then overwritten in place. The train step updates each trained parameter and its
+# optimizer moments in place (donated buffers) with the guard's select fused in, and without
+# it XLA copied Adam's two moments before the update, so the step held them twice (vgg16
+# `partial:0.8`: 1,371 -> 950 MiB of temporaries, 1.00 -> 0.81 s a step at 64 px, the same
+# values bit for bit: docs/benchmarks.md). It removes copies only, so numerics cannot move.
+# Not taken: YNNPACK's reduction kernels (--xla_cpu_experimental_ynn_fusion_type=reduce), 17%
+# off resnet18's full step at 224 px (1.56 -> 1.29 s) but its train-mode gradients 500x further
+# from a float64 reference (3.6e-3 against XLA's own 7e-6; torch float32: 3e-6), which
+# tests/test_parity.py's gradient test caught. A flag goes here only when the parity tests pass
+# under it.
+CPU_XLA_FLAGS: dict[str, str] = {"--xla_cpu_copy_insertion_use_region_analysis": "true"}
+
+# jaxlib releases (major, minor) whose XLA was checked to know every flag above (XLA aborts on
+# one it does not know; 0.10 is the newest this project could install).
+CHECKED_JAXLIB = {(0, 10)}
 
 
 def _jaxlib_release() -> Optional[tuple[int, int]]:

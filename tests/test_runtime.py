@@ -64,11 +64,15 @@ def test_a_flag_the_user_set_is_never_changed(monkeypatch):
 
 def test_user_xla_flags_are_kept_and_take_effect(tmp_path):
     mine = f"--xla_force_host_platform_device_count=3 {OURS}=dot"
+    ours = [f"{k}={v}" for k, v in jaxft.runtime.CPU_XLA_FLAGS.items()]
     found = probe(tmp_path, XLA_FLAGS=mine)
-    assert found["XLA_FLAGS"] == mine and found["devices"] == 3  # untouched, and read by XLA
-    # jaxft's defaults (none at present: jaxft.runtime.CPU_XLA_FLAGS says why) add nothing else
-    assert probe(tmp_path)["XLA_FLAGS"] == (" ".join(f"{k}={v}" for k, v in jaxft.runtime.CPU_XLA_FLAGS.items())
-                                            or None)
+    # the user's flags untouched and first, read by XLA; jaxft's defaults follow them
+    assert found["XLA_FLAGS"] == " ".join([mine, *ours]) and found["devices"] == 3
+    assert probe(tmp_path)["XLA_FLAGS"] == (" ".join(ours) or None)
+    # a default the user set themselves, to another value, is theirs alone
+    theirs = " ".join(f"{k}={'false' if v == 'true' else v}" for k, v in jaxft.runtime.CPU_XLA_FLAGS.items())
+    if theirs:
+        assert probe(tmp_path, XLA_FLAGS=theirs)["XLA_FLAGS"] == theirs
     assert probe(tmp_path, JAXFT_XLA_DEFAULTS="0")["XLA_FLAGS"] is None
 
 
