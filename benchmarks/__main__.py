@@ -6,7 +6,7 @@
 
 Sections: train-step throughput, inference throughput, memory, end to end (and its jobs' host
 memory). Every ratio is
-jaxft's speed over PyTorch's (> 1: jaxft is faster), timed round-robin in this process.
+jaxft's speed over PyTorch's (> 1: jaxft is faster), timed round-robin in one process per row.
 
 --quick is the CI check (resnet18, full and head, 32 px, batch 8, 2 repeats, no
 torch.compile, the quick end-to-end run). A full run (no --quick) writes its tables into
@@ -25,11 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import torch
-
 from benchmarks import end_to_end, report, steps
-from benchmarks.common import environment
+from benchmarks.common import in_own_process
 from jaxft import runtime
 
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -68,16 +65,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def require_gpu() -> None:
-    """--device gpu with no GPU is one clear line, not a backend traceback."""
-    try:
-        jax.devices("gpu")
-    except RuntimeError:
-        sys.exit("--device gpu: JAX sees no GPU (install jaxft[cuda12] or [cuda13] on a machine with one)")
-    if not torch.cuda.is_available():
-        sys.exit("--device gpu: torch sees no CUDA device")
-
-
 def train_section(args: argparse.Namespace, setup: steps.Setup,
                   peak: float) -> tuple[report.Section, list[steps.TrainResult], list[str]]:
     results, failures = [], []
@@ -85,7 +72,8 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
         for strategy in args.strategies:
             for size in args.sizes:
                 print(f"train step: {arch} {strategy} {size}px ...", file=sys.stderr, flush=True)
-                results.append(steps.bench_train(arch, strategy, size, setup))
+                results.append(in_own_process(steps.bench_train, arch, strategy, size, setup,
+                                              initializer=runtime.split_cpu))
                 failures += steps.train_problems(results[-1], setup)
     section = report.Section(
         "Train step throughput", *steps.train_table(results, setup, peak),
@@ -104,7 +92,7 @@ def inference_section(args: argparse.Namespace, setup: steps.Setup) -> tuple[rep
     for arch in args.archs:
         for size in args.sizes:
             print(f"inference: {arch} {size}px ...", file=sys.stderr, flush=True)
-            results.append(steps.bench_inference(arch, size, setup))
+            results.append(in_own_process(steps.bench_inference, arch, size, setup, initializer=runtime.split_cpu))
             failures += steps.inference_problems(results[-1], setup)
     section = report.Section("Inference throughput", *steps.inference_table(results, setup),
                              note=f"Eval mode, {setup.describe()}: jitted `model.apply(train=False)` against "
@@ -130,18 +118,20 @@ def end_to_end_sections(quick: bool, device: str) -> tuple[list[report.Section],
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    split = runtime.split_cpu()  # as jaxft's CLIs do, before a backend starts: each row then picks its devices
-    if args.device == "gpu":
-        require_gpu()
     command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
     date = datetime.datetime.now().astimezone().isoformat(timespec="minutes")
     setup = steps.Setup(args.device, args.dtype, args.batch_size, args.repeats, args.compile)
-    env = environment()
-    peak = steps.matmul_peak(setup)
+    # Everything that starts a JAX backend runs in a process of its own (common.in_own_process),
+    # each row too, with the CPU split as the CLIs split it: this one holds no device.
+    machine = in_own_process(steps.machine, setup, initializer=runtime.split_cpu)
+    if isinstance(machine, str):
+        sys.exit(machine)
+    env, peak = machine.environment, machine.peak
     env["matmul peak (jax)"] = f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}, {args.device})"
-    cpu_devices = len(jax.devices("cpu"))
-    env["jaxft CPU devices"] = (f"{cpu_devices}, made by jaxft as its CLIs make them (the train step's devices "
-                                f"column: each row's choice)" if split else str(cpu_devices))
+    env["jaxft CPU devices"] = (f"{machine.cpu_devices}, made by jaxft as its CLIs make them (the train step's "
+                                f"devices column: each row's choice)" if machine.cpu_split_by_jaxft
+                                else str(machine.cpu_devices))
+    env["processes"] = "one for each row, as a user's run has one (benchmarks.common.in_own_process)"
     print(f"{command}\n{date}\n" + "\n".join(f"{key}: {value}" for key, value in env.items()), flush=True)
 
     train, train_results, failures = train_section(args, setup, peak)

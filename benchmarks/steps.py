@@ -34,7 +34,7 @@ import torchvision
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.common import interleaved_medians
+from benchmarks.common import environment, interleaved_medians
 from jaxft import create_model, runtime, to_torch
 from jaxft.engine import Engine, data_mesh, model_input, replicate
 from jaxft.freeze import parse_strategy
@@ -133,6 +133,29 @@ def torch_twin(arch: str, variables: dict, setup: Setup) -> torch.nn.Module:
 
 def torch_images(images: np.ndarray, setup: Setup) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(setup.torch_device)
+
+
+@dataclass
+class Machine:
+    """What the report says about where it ran, found in a process of the benchmark's own."""
+
+    environment: dict[str, str]  # benchmarks.common.environment()
+    peak: float  # matmul FLOP/s (matmul_peak)
+    cpu_devices: int
+    cpu_split_by_jaxft: bool  # runtime.split_cpu made them, as the CLIs do
+
+
+def machine(setup: Setup) -> Machine | str:
+    """The machine's facts, or what is missing for ``setup`` (``--device gpu`` with no GPU), in one line."""
+    if setup.device == "gpu":
+        try:
+            jax.devices("gpu")
+        except RuntimeError:
+            return "--device gpu: JAX sees no GPU (install jaxft[cuda12] or [cuda13] on a machine with one)"
+        if not torch.cuda.is_available():
+            return "--device gpu: torch sees no CUDA device"
+    cpu = jax.devices("cpu")
+    return Machine(environment(), matmul_peak(setup), len(cpu), runtime.cpu_split_in_use(cpu))
 
 
 def matmul_peak(setup: Setup, repeats: int = 5) -> float:
