@@ -35,9 +35,9 @@ Normalization = Optional[tuple[Sequence[float], Sequence[float]]]  # (mean, std)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss, gradients, optimizer state or parameters became NaN/inf (the state: or over
-    ``SAFE_MAGNITUDE``, 2**126, in magnitude); the state kept is the
-    last good one. ``index``: which of the collected steps was refused; ``collected``: the
-    metrics of the steps before it, which did train."""
+    ``SAFE_MAGNITUDE``, 2**126, in magnitude); the state kept is the last good one. ``index``:
+    which of the collected steps was refused; ``collected``: the metrics of the steps before it,
+    which did train."""
 
     index: int = 0
     collected: Sequence[dict] = ()

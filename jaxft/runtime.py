@@ -1,8 +1,8 @@
 """The process-wide JAX settings jaxft chooses, applied once when ``jaxft`` is imported.
 
-* **XLA:CPU flags** (``CPU_XLA_FLAGS``: copy insertion's region analysis). XLA reads ``XLA_FLAGS`` once, when
-  JAX starts its first backend, so the flags are added to the environment at import, before any
-  device is touched. A flag the user
+* **XLA:CPU flags** (``CPU_XLA_FLAGS``: copy insertion's region analysis). XLA reads
+  ``XLA_FLAGS`` once, when JAX starts its first backend, so the flags are added to the
+  environment at import, before any device is touched. A flag the user
   already put in ``XLA_FLAGS`` is never changed (theirs wins, whatever its value), and
   ``JAXFT_XLA_DEFAULTS=0`` turns jaxft's additions off. Why each flag, with the measurements:
   docs/benchmarks.md. XLA aborts the process on a flag it does not know, so they are added only
