@@ -72,13 +72,20 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
         for strategy in args.strategies:
             for size in args.sizes:
                 print(f"train step: {arch} {strategy} {size}px ...", file=sys.stderr, flush=True)
-                results.append(in_own_process(steps.bench_train, arch, strategy, size, setup,
-                                              initializer=runtime.split_cpu))
+                result = in_own_process(steps.bench_train, arch, strategy, size, setup,
+                                        initializer=runtime.split_cpu)
+                if setup.torch_compile:  # in a process of its own: it slowed jaxft's steps in theirs
+                    result = steps.with_torch_compile(
+                        result, *in_own_process(steps.bench_torch_compile, arch, strategy, size, setup))
+                results.append(result)
                 failures += steps.train_problems(results[-1], setup)
     section = report.Section(
         "Train step throughput", *steps.train_table(results, setup, peak),
         note=f"Adam, {setup.describe()}. jaxft `Engine.train_step` (BatchNorm policy `torch`) against PyTorch "
-             "(`requires_grad=False` freezing, `torch.optim.Adam`); GFLOP/s from XLA's cost analysis of the step, "
+             "(`requires_grad=False` freezing, `torch.optim.Adam`), each row in a process of its own; "
+             "`torch.compile` in another beside eager torch, its column eager torch's figure here times the "
+             "compiled/eager ratio there (in one process it slowed jaxft's steps); GFLOP/s from XLA's cost "
+             "analysis of the step, "
              "as a share of the matmul peak above; loss rel diff: the first step from identical weights. Each "
              "step takes its batch from host memory as its training loop does: torch float32 (`ToTensor` + "
              "`Normalize` on the host, `.to(device)`), jaxft uint8 normalised on the device. jaxft devices: one, "

@@ -21,6 +21,7 @@ Every contender is timed round-robin in one process (``interleaved_medians``); r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -251,37 +252,59 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
         jax.block_until_ready(engine.state)  # the step may return before the device is done
         return float(metrics["loss_sum"]) / float(metrics["count"])
 
-    def torch_model() -> tuple[torch.nn.Module, list]:
-        """A fresh twin and its trainable parameters, frozen as jaxft's strategy freezes."""
-        twin = torch_twin(arch, variables, setup)
-        return twin, freeze_like(twin, model, engine.labels)
-
-    eager, eager_optimizer = torch_train_step(*torch_model(), batch, setup, compile_model=False)
+    twin = torch_twin(arch, variables, setup)  # frozen as jaxft's strategy freezes
+    eager, eager_optimizer = torch_train_step(twin, freeze_like(twin, model, engine.labels), batch, setup,
+                                              compile_model=False)
     contenders = {"jaxft": jax_step, "torch eager": eager}
     first_losses = {name: step() for name, step in contenders.items()}  # from identical weights
-    compile_failure = None
-    if setup.torch_compile:
-        try:
-            compiled, _ = torch_train_step(*torch_model(), batch, setup, compile_model=True)
-            compiled()  # compiles now, so a failure is caught here
-            contenders["torch.compile"] = compiled
-        except Exception as exc:  # noqa: BLE001 - report it in the table, don't lose the others
-            compile_failure = f"failed: {type(exc).__name__}"
     for step in contenders.values():  # a second warm-up step: a recompile on the donated state shows now
         step()
     warm = engine.compiled_train_step._cache_size()
     seconds = interleaved_medians(contenders, setup.repeats, warmup=0)
     timed = engine.compiled_train_step._cache_size()
-    torch.compiler.reset()  # compiled graphs hold their model: free it before the next row
 
     memory = engine.compiled_train_step.lower(*engine.step_arguments(jax_batch)).compile().memory_analysis()
     return TrainResult(
-        arch=arch, strategy=strategy, size=size, seconds=seconds, compile_failure=compile_failure,
+        arch=arch, strategy=strategy, size=size, seconds=seconds, compile_failure=None,
         jax_loss=first_losses["jaxft"], torch_loss=first_losses["torch eager"], flops=step_flops(engine, jax_batch),
         jax_state_bytes=engine.optimizer_state_bytes(), torch_state_bytes=torch_state_bytes(eager_optimizer),
         argument_bytes=_all_devices(getattr(memory, "argument_size_in_bytes", None), len(devices)),
         temp_bytes=_all_devices(getattr(memory, "temp_size_in_bytes", None), len(devices)),
         compilations=(warm, timed), devices=len(devices))
+
+
+def bench_torch_compile(arch: str, strategy: str, size: int, setup: Setup) -> tuple[float | None, str | None]:
+    """``torch.compile``'s train step time over eager torch's, timed round-robin in a process without
+    jaxft's step (a compiled model in the same process slowed jaxft's steps: vgg16 ``full`` at 224 px,
+    1.7 -> 1.3 img/s); or why it could not run. ``with_torch_compile`` puts it into a row."""
+    model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
+    variables = init_variables(model)
+    labels = parse_strategy(strategy).labels(model, variables["params"])
+    batch = random_batch(setup.batch_size, size)
+
+    def torch_model() -> tuple[torch.nn.Module, list]:
+        twin = torch_twin(arch, variables, setup)
+        return twin, freeze_like(twin, model, labels)
+
+    eager, _ = torch_train_step(*torch_model(), batch, setup, compile_model=False)
+    try:
+        compiled, _ = torch_train_step(*torch_model(), batch, setup, compile_model=True)
+        compiled()  # compiles now, so a failure is caught here
+    except Exception as exc:  # noqa: BLE001 - report it in the table, don't lose the row
+        return None, f"failed: {type(exc).__name__}"
+    for step in (eager, compiled):
+        step()
+    seconds = interleaved_medians({"eager": eager, "compiled": compiled}, setup.repeats, warmup=0)
+    return seconds["compiled"] / seconds["eager"], None
+
+
+def with_torch_compile(result: TrainResult, compiled_over_eager: float | None, failure: str | None) -> TrainResult:
+    """``result`` with a ``torch.compile`` time: eager torch's time in the row's own process times
+    the compiled/eager ratio measured in another, so that every column stays a side-by-side figure."""
+    seconds = dict(result.seconds)
+    if compiled_over_eager is not None:
+        seconds["torch.compile"] = seconds["torch eager"] * compiled_over_eager
+    return dataclasses.replace(result, seconds=seconds, compile_failure=failure)
 
 
 def _all_devices(per_device: int | None, devices: int) -> int | None:
