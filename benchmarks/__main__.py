@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     date = datetime.datetime.now().astimezone().isoformat(timespec="minutes")
     setup = steps.Setup(args.device, args.dtype, args.batch_size, args.repeats, args.compile)
     # Everything that starts a JAX backend runs in a process of its own (common.in_own_process),
-    # each row too, with the CPU split as the CLIs split it: this one holds no device.
+    # each row too, with the CPU split as the CLIs split it: this one holds no device while they run.
     machine = in_own_process(steps.machine, setup, initializer=runtime.split_cpu)
     if isinstance(machine, str):
         sys.exit(machine)
