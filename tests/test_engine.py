@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -269,7 +270,8 @@ def test_a_finite_update_within_a_rounding_of_overflow_is_refused():
 def test_the_step_holds_the_trained_state_once(optimizer):
     """The compiled step's scratch is the gradient and little else: the parameters and optimizer
     moments are updated in place, the NaN guard's check and the gradient norm write nothing the
-    size of a parameter (before: 3.25x the trained bytes under Adam, 2.25x under SGD)."""
+    size of a parameter (before: 3.25x the trained bytes under Adam, 2.25x under SGD). Under
+    jaxft's default XLA flags: without copy insertion's region analysis XLA copies the moments."""
     from jaxft.models.head import LinearHead
 
     rng = np.random.default_rng(0)
@@ -280,7 +282,10 @@ def test_the_step_holds_the_trained_state_once(optimizer):
     batch = {"image": rng.normal(size=(8, 1024)).astype(np.float32), "label": rng.integers(0, 2048, 8)}
     compiled = engine.compiled_train_step.lower(*engine.step_arguments(batch)).compile()
     trained_bytes = kernel.nbytes + 2048 * 4
-    assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * trained_bytes
+    scratch = compiled.memory_analysis().temp_size_in_bytes
+    assert scratch <= 1.1 * trained_bytes, (
+        f"scratch {scratch / trained_bytes:.2f}x the trained bytes; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} (jaxft "
+        f"adds its flags only for the jaxlib releases in jaxft.runtime.CHECKED_JAXLIB)")
     before = _flat(engine.state.params)
     engine.train_step(batch)  # and the step it compiled trains
     after = _flat(engine.state.params)
