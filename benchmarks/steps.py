@@ -15,7 +15,8 @@ Inference = the eval-mode forward: a jitted ``model.apply(train=False)`` against
 ``eval()`` under ``inference_mode``, logits compared; jaxft's as ``jaxft.predict`` runs it (uint8
 crops normalised on the device, its devices).
 
-Every contender is timed round-robin in one process (``interleaved_medians``); read the ratios.
+Every contender is timed round-robin (``interleaved_medians``) in the row's process, and read as
+a ratio; ``torch.compile`` in a process of its own beside eager torch (``bench_torch_compile``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,18 @@ def torch_twin(arch: str, variables: dict, setup: Setup) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES, **model_kwargs(arch))
     model.load_state_dict(to_torch(arch, variables))
     return model.to(setup.torch_device)
+
+
+def row_inputs(arch: str, size: int, setup: Setup) -> tuple[Any, dict, dict[str, np.ndarray]]:
+    """A row's jaxft model, its initial variables (the same in every process: a fixed seed) and its batch."""
+    model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
+    return model, init_variables(model), random_batch(setup.batch_size, size)
+
+
+def frozen_twin(arch: str, model, variables: dict, labels: dict, setup: Setup) -> tuple[torch.nn.Module, list]:
+    """A fresh torch twin of ``variables`` and its trainable parameters, frozen as jaxft's ``labels`` freeze."""
+    twin = torch_twin(arch, variables, setup)
+    return twin, freeze_like(twin, model, labels)
 
 
 def torch_images(images: np.ndarray, setup: Setup) -> torch.Tensor:
@@ -238,9 +252,7 @@ def torch_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResult:
     """Time jaxft's train step against PyTorch's on one batch, and measure what the step costs."""
-    model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
-    variables = init_variables(model)
-    batch = random_batch(setup.batch_size, size)
+    model, variables, batch = row_inputs(arch, size, setup)
     # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
     # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
     jax_batch = {"image": batch["pixels"], "label": batch["label"]}
@@ -252,9 +264,8 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
         jax.block_until_ready(engine.state)  # the step may return before the device is done
         return float(metrics["loss_sum"]) / float(metrics["count"])
 
-    twin = torch_twin(arch, variables, setup)  # frozen as jaxft's strategy freezes
-    eager, eager_optimizer = torch_train_step(twin, freeze_like(twin, model, engine.labels), batch, setup,
-                                              compile_model=False)
+    eager, eager_optimizer = torch_train_step(*frozen_twin(arch, model, variables, engine.labels, setup), batch,
+                                              setup, compile_model=False)
     contenders = {"jaxft": jax_step, "torch eager": eager}
     first_losses = {name: step() for name, step in contenders.items()}  # from identical weights
     for step in contenders.values():  # a second warm-up step: a recompile on the donated state shows now
@@ -277,18 +288,12 @@ def bench_torch_compile(arch: str, strategy: str, size: int, setup: Setup) -> tu
     """``torch.compile``'s train step time over eager torch's, timed round-robin in a process without
     jaxft's step (a compiled model in the same process slowed jaxft's steps: vgg16 ``full`` at 224 px,
     1.7 -> 1.3 img/s); or why it could not run. ``with_torch_compile`` puts it into a row."""
-    model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
-    variables = init_variables(model)
+    model, variables, batch = row_inputs(arch, size, setup)
     labels = parse_strategy(strategy).labels(model, variables["params"])
-    batch = random_batch(setup.batch_size, size)
-
-    def torch_model() -> tuple[torch.nn.Module, list]:
-        twin = torch_twin(arch, variables, setup)
-        return twin, freeze_like(twin, model, labels)
-
-    eager, _ = torch_train_step(*torch_model(), batch, setup, compile_model=False)
+    eager, _ = torch_train_step(*frozen_twin(arch, model, variables, labels, setup), batch, setup, compile_model=False)
     try:
-        compiled, _ = torch_train_step(*torch_model(), batch, setup, compile_model=True)
+        compiled, _ = torch_train_step(*frozen_twin(arch, model, variables, labels, setup), batch, setup,
+                                       compile_model=True)
         compiled()  # compiles now, so a failure is caught here
     except Exception as exc:  # noqa: BLE001 - report it in the table, don't lose the row
         return None, f"failed: {type(exc).__name__}"
@@ -380,9 +385,7 @@ def bench_inference(arch: str, size: int, setup: Setup) -> InferenceResult:
     """Time the eval-mode forward of both frameworks on the same weights and batch, jaxft's as
     ``python -m jaxft.predict`` runs it: on the devices it would use, from uint8 crops
     normalised on the device (torch's from the same pixels normalised on the host)."""
-    model = create_model(arch, num_classes=NUM_CLASSES, dtype=setup.jax_dtype, **model_kwargs(arch))
-    variables = init_variables(model)
-    batch = random_batch(setup.batch_size, size)
+    model, variables, batch = row_inputs(arch, size, setup)
     twin = torch_twin(arch, variables, setup).eval()
     x = torch_images(batch["image"], setup)
     devices = bench_devices(False, setup.device, setup.batch_size, size)
