@@ -1,7 +1,7 @@
 """Interrupted runs, resumed, reach the result of an uninterrupted run: gradual unfreezing stopped
 mid-epoch and right after an epoch's checkpoint, a NaN stop resumed with a lower learning rate,
-a finished run extended by epochs, and `head` on the CPU split into two devices killed. Each test
-proves that its interruption happened."""
+a finished run extended by epochs, `full` through torch's kernel gradients killed, and `head` on
+the CPU split into two devices killed. Each test proves that its interruption happened."""
 
 from __future__ import annotations
 
@@ -145,6 +145,35 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
 
     shorter = cli("jaxft.train", "--resume", run, "--epochs", "1", "--quiet", env=env)
     assert shorter.returncode == 2 and "has already trained 2 epoch(s)" in shorter.stderr, shorter.stderr[-2000:]
+
+
+def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uninterrupted_run(env, tmp_path):
+    """`full` at 64 px and batch 64, where the stem's kernel gradient is torch's kernel called back
+    from the step (jaxft/models/host_conv.py): killed after a checkpoint and resumed, the run ends
+    where the uninterrupted run does, bit for bit (torch's kernel gives the same bits again)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxft.models import layers
+
+    stem_input = jax.ShapeDtypeStruct((64, 64, 64, 3), jnp.float32)  # the route this run takes
+    assert layers._use_host_kernel_grad(stem_input, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1)
+    args = ["--strategy", "full", "--image-size", "64", "--batch-size", "64", "--epochs", "1", "--save-every", "4",
+            "--log-every", "1", "--quiet"]
+    reference = tmp_path / "reference"
+    result = cli("jaxft.train", *args, "--out", reference, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = start_training(*args, "--out", run, env=env)
+    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(run)), signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    latest = saved_steps(run)[-1]
+    assert 0 < latest < _summary(reference)["steps"] and not (run / "summary.json").exists()
+    result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run} at step {latest}" in result.stdout
+    assert_same_result(_summary(run), _summary(reference))
 
 
 @TWO_CORES

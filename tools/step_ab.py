@@ -57,6 +57,8 @@ def parse_variant(text: str) -> tuple[dict, str]:
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
+        elif key == "hostgrad":
+            options["_hostgrad"] = value
         elif key == "tapwide":  # tapwide=0: the tap route for >= 128 output channels only, as before 2026-11-29
             options["_tapwide"] = value
         else:
@@ -78,6 +80,7 @@ def main() -> None:
              "label": rng.integers(0, 10, args.batch_size)}
     runners = {}
     default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
+    default_host_cells = layers.HOST_KERNEL_GRAD_MIN_CELLS
     default_wide_bytes = layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES
     use_pointwise = layers._use_pointwise_matmul
     for text in args.variants:
@@ -85,6 +88,7 @@ def main() -> None:
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
         tap_route, tap_wide = options.pop("_tapgrad", "1") != "0", options.pop("_tapwide", "1") != "0"
+        layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells if options.pop("_hostgrad", "1") != "0" else float("inf")
         layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes if tap_route else float("inf")
         layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes if tap_route and tap_wide else float("inf")
         layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
@@ -100,6 +104,7 @@ def main() -> None:
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
+    layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells
     layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes
     layers._use_pointwise_matmul = use_pointwise
 

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxft.models import host_conv
+
 Dtype = Any
 
 # Matches torch.nn.BatchNorm2d defaults.
@@ -174,8 +176,10 @@ class Conv(nn.Module):
     * XLA:CPU has a performance cliff for kxk convolutions (k > 1) over 2x2..2x3 maps
       (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel,
       so on CPU those maps take the matmul route;
-    * the kernel gradient of a stride-1 kxk convolution over a large map as k*k matmuls
-      (``_conv_tap_kernel_grad``);
+    * the kernel gradient of a kxk convolution over a map of at least 10x10 cells (and 10 MiB
+      of operands) by torch's CPU kernel, called from the step (``_conv_host_kernel_grad``,
+      ``host_conv.py``); where that route is not available, the kernel gradient of a stride-1
+      kxk convolution over a large map as k*k matmuls (``_conv_tap_kernel_grad``);
     * the input gradient of a strided kxk convolution over a map of at most 4x4 as one
       stride-1 convolution per output phase (``_conv_phase_input_grad``).
     """
@@ -210,6 +214,9 @@ class Conv(nn.Module):
                                                            dimension_numbers=dims)
             # patches' features are ordered (in_channel, kh, kw)
             y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+        elif _use_host_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
+                                   self.feature_group_count):
+            y = _conv_host_kernel_grad(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
         elif _use_tap_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
                                   self.feature_group_count):
             y = _conv_tap_kernel_grad(x, kernel, tuple(map(tuple, self.padding)))
@@ -255,6 +262,55 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: i
     return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6
 
 
+# XLA:CPU's kernel gradient of a kxk convolution against torch's (host_conv.py), batch 16 and 32 on
+# the Intel Xeon (ms, XLA / torch): 56x56, 64 -> 64 101 / 16; 28x28, 128 -> 128 54 / 14; vgg16's
+# 224x224, 64 -> 64 3,538 / 342; the ResNet stem 129 / 30; vgg16's 64x64, 64 -> 64 at 64 px 132 / 20;
+# but 14x14, 256 -> 256 even and 7x7, 512 -> 512 16 / 28, 8x8, 512 -> 512 21 / 32, 4x4 maps 2-3x
+# slower: torch's kernel is slow for few pixels and many channels. So maps of at least 10x10 cells.
+HOST_KERNEL_GRAD_MIN_CELLS = 100
+# and at least this much input map and output gradient: JAX does not keep a step that calls back
+# into Python in its persistent compilation cache, so the route must save more than a few
+# milliseconds a step to pay for compiling the step in every run (docs/decisions.md). Below it:
+# the main job's 32 px stem (2.4 MiB at batch 32), resnet's 64 px stem at batch 32 (9.5 MiB, 16 -> 3.5
+# ms) and 16x16x64 layers; above it: resnet's 28x28x128 layers at batch 16 (12 MiB, 54 -> 14 ms).
+HOST_KERNEL_GRAD_MIN_BYTES = 10 * 2**20
+
+
+def _use_host_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
+                          padding: Any, groups: int) -> bool:
+    if (jax.default_backend() != "cpu" or not host_conv.available() or x.dtype != jnp.float32 or groups != 1
+            or max(kernel_size) == 1 or isinstance(padding, str)):
+        return False
+    pads = tuple(map(tuple, padding))
+    if any(low != high for low, high in pads):
+        return False  # torch's convolution pads both sides alike
+    n, h, w, _ = x.shape
+    out_h, out_w = ((size + 2 * pad[0] - k) // s + 1 for size, pad, k, s in zip((h, w), pads, kernel_size, strides))
+    operand_bytes = (x.size + n * out_h * out_w * features) * x.dtype.itemsize
+    return h * w >= HOST_KERNEL_GRAD_MIN_CELLS and operand_bytes >= HOST_KERNEL_GRAD_MIN_BYTES
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_host_kernel_grad(x, kernel, strides, padding):
+    """A convolution (NHWC, HWIO) whose kernel gradient is torch's CPU kernel
+    (``host_conv.conv_grad``); the forward pass and the input gradient are XLA's own."""
+    return _strided_conv(x, kernel, strides, padding)
+
+
+def _conv_host_kernel_grad_forward(x, kernel, strides, padding):
+    return _strided_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_host_kernel_grad_backward(strides, padding, residuals, g):
+    x, kernel = residuals
+    (dx,) = jax.vjp(lambda x: _strided_conv(x, kernel, strides, padding), x)[1](g)
+    return dx, host_conv.conv_grad(x, kernel, g, strides=strides, padding=padding, wrt="kernel")
+
+
+_conv_host_kernel_grad.defvjp(_conv_host_kernel_grad_forward, _conv_host_kernel_grad_backward)
+
+
+# Where the host route is not available (a JAX release host_conv.py was not checked against):
 # XLA:CPU (jaxlib 0.10) runs convolutions as YNNPACK fusions by default, and its kernel gradient of
 # a stride-1 kxk convolution over large maps is 2-4x slower than the same sums as k*k matmuls (the
 # input map's shifted views against the output gradient, contracted over N*H*W), e.g. vgg16's
@@ -383,3 +439,4 @@ def _conv_phase_input_grad_backward(strides, padding, residuals, g):
 
 
 _conv_phase_input_grad.defvjp(_conv_phase_input_grad_forward, _conv_phase_input_grad_backward)
+
