@@ -15,7 +15,8 @@ xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, D
 ``ynn=`` turns YNN fusions off), ``bn=NAME``, ``tapgrad=0`` (``layers.Conv`` never takes its
 matmul route for the kernel gradient: XLA's convolution everywhere, as before that route),
 ``pointwise=0`` (unpadded 1x1 convolutions as XLA's convolution, as before they became matmuls),
-``tapwide=0`` (the tap route only for >= 128 output channels, as before it took vgg16's ``features_2``).
+``tapwide=0`` (the tap route only for >= 128 output channels, as before it took vgg16's ``features_2``),
+``hostgrad=0`` (no kernel gradient by torch's kernel, ``layers._conv_host_kernel_grad``: as before that route).
 """
 
 from __future__ import annotations
