@@ -306,7 +306,7 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
         y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), p, v)
         return y, *vjp(g)
 
-    assert "jaxft_conv_grad" in str(jax.make_jaxpr(step)(params, x_nhwc))
+    assert "jaxft_conv_kernel_grad" in str(jax.make_jaxpr(step)(params, x_nhwc))
     xla = lambda p, v: (jax.lax.conv_general_dilated(v, p["kernel"], (stride, stride), conv.padding,  # noqa: E731
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
                         + (p["bias"] if bias else 0))
@@ -323,11 +323,12 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
 
 def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(monkeypatch):
     """Which layers take torch's kernel gradient (shapes only): at batch 16 every kxk layer of
-    resnet18 and vgg16 at 224 px but resnet's 14x14 and 7x7 ones, vgg16's at 64 px down to its 32x32
-    maps; not the main job's 32 px stem (whose step stays in the persistent compilation cache),
-    nor maps under 10x10 cells however many (torch's kernel is slower there; layers.py has the
-    figures). Not a 1x1 kernel, asymmetric padding, bfloat16 or grouped convolutions, and not on a
-    JAX release host_conv.py was not checked against."""
+    resnet18 and vgg16 at 224 px but resnet's 14x14 and 7x7 ones (vgg16's 14x14x512 have the
+    operand bytes), vgg16's at 64 px down to its 32x32 maps; not the main job's 32 px stem (whose
+    step stays in the persistent compilation cache), nor maps under 10x10 cells however many
+    (torch's kernel is slower there; layers.py has the figures). Not a 1x1 kernel, asymmetric
+    padding, bfloat16 or grouped convolutions, and not on a JAX release host_conv.py was not
+    checked against."""
     from jaxft.models import host_conv, layers
 
     def takes_route(size, c_in=64, c_out=64, kernel=3, stride=1, batch=16, padding=None, dtype=jnp.float32,
@@ -339,7 +340,8 @@ def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(mon
     stem = {"c_in": 3, "kernel": 7, "stride": 2}
     assert takes_route(224, **stem) and takes_route(56) and takes_route(56, c_out=128, stride=2)  # resnet18
     assert takes_route(28, 128, 128) and not takes_route(14, 256, 256) and not takes_route(7, 512, 512)
-    assert all(takes_route(size, c, c) for size, c in ((224, 64), (112, 128), (56, 256), (28, 512)))  # vgg16
+    vgg16 = ((224, 64), (112, 128), (56, 256), (28, 512), (14, 512))
+    assert all(takes_route(size, c, c) for size, c in vgg16)
     assert takes_route(64, 64, 64) and takes_route(32, 128, 128) and not takes_route(16, 256, 256)  # at 64 px
     assert not takes_route(32, batch=32, **stem) and not takes_route(64, batch=32, **stem)
     assert not takes_route(8, 512, 512, batch=512)  # 64 cells: not at any batch
@@ -353,6 +355,24 @@ def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(mon
         monkeypatch.undo()
         host_conv._emit_python_callback.cache_clear()
     assert host_conv.available()
+
+
+def test_torch_kernel_route_under_vmap_is_xlas_gradient_per_example(monkeypatch):
+    """Per-example kernel gradients (``vmap`` over a routed Conv's gradient) are XLA's, one per
+    example, and equal the route's gradient of each example alone up to float32 rounding."""
+    from jaxft.models import layers
+
+    monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
+    conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    x = jax.random.normal(jax.random.key(0), (3, 1, 12, 12, 4))
+    params = conv.init(jax.random.key(1), x[0])["params"]
+    grad = jax.grad(lambda p, v: (conv.apply({"params": p}, v) ** 2).sum())
+    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))
+    assert "python_cpu_callback" not in per_example.lower(params, x).as_text()
+    assert "python_cpu_callback" in jax.jit(grad).lower(params, x[0]).as_text()
+    got = per_example(params, x)["kernel"]
+    for i in range(3):
+        assert rel_l2(got[i], grad(params, x[i])["kernel"]) <= 1e-6
 
 
 PARTITIONED_PROBE = """

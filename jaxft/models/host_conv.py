@@ -1,20 +1,20 @@
-"""Convolution gradients on the CPU by torch's own kernels, called from inside the jitted step.
+"""Convolution kernel gradients on the CPU by torch's own kernel, called from the jitted step.
 
 On the CPU, XLA's kernel gradient of a kxk convolution is its slowest kernel: on the Intel Xeon
 this project measured (jaxlib 0.10), resnet18's 56x56, 64 -> 64 layer at batch 16 takes 95-114 ms
 where torch's ``convolution_backward`` (oneDNN) takes 13 ms, and it is further from float64 (6e-6
 against 3e-7). jaxft depends on torch already (it is the weights' source and the numerical
-reference), so ``conv_grad`` computes a convolution's input or kernel gradient with torch's kernel:
-a JAX primitive whose CPU lowering is a host callback into torch, on the arrays XLA holds, without
-copying them (``jax.pure_callback`` copies every operand first, about 0.6 ms per MiB, which ate
-most of the gain). Elsewhere (a GPU; a step partitioned over several devices, where a callback
-would gather every operand onto one of them) it lowers to XLA's own gradient. docs/decisions.md
-says why and what it costs (a step with a host callback is not kept in JAX's persistent
-compilation cache).
+reference), so ``kernel_grad`` computes a convolution's kernel gradient with torch's kernel: a
+JAX primitive whose CPU lowering is a host callback into torch. jaxlib hands the callback its own
+copy of each operand (about 0.25 ms per MiB); ``jax.pure_callback`` would copy them a second time
+(about 0.6 ms per MiB in all), which ate most of the gain. Elsewhere (a GPU; a step partitioned
+over several devices, where a callback would gather every operand onto one of them; under
+``vmap``) it is XLA's own gradient. docs/decisions.md says why and what it costs (a step with a
+host callback is not kept in JAX's persistent compilation cache).
 
 The lowering uses ``jax._src.callback.emit_python_callback``, an internal of JAX: ``available()``
 is False on a JAX release it was not checked against (``CHECKED_JAX``) or where that function is
-missing, and the layers then take XLA's own route.
+missing, and the layers then take the routes they had before.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 # JAX releases (major, minor) whose internal emit_python_callback this module was checked against
 CHECKED_JAX = {(0, 10)}
+
 
 def _jax_release() -> Optional[tuple[int, int]]:
     try:
@@ -53,19 +54,16 @@ def _emit_python_callback():
 
 
 def available() -> bool:
-    """Whether ``conv_grad`` can call torch's kernels on this JAX (else it is XLA's gradient)."""
+    """Whether ``kernel_grad`` can call torch's kernel on this JAX (else it is XLA's gradient)."""
     return _emit_python_callback() is not None
 
 
-def _xla_conv(x, kernel, strides, padding):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _xla_kernel_grad(x, g, *, kernel_shape, strides, padding):
+    """XLA's own kernel gradient: the lowering off the CPU and where a callback cannot serve."""
+    def conv(kernel):
+        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-
-def _xla_grad(x, kernel, g, *, strides, padding, wrt):
-    """XLA's own gradient: the reference route and the lowering off the CPU."""
-    if wrt == "input":
-        return jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)[1](g)[0]
-    return jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)[1](g)[0]
+    return jax.vjp(conv, jnp.zeros(kernel_shape, x.dtype))[1](g)[0]
 
 
 def _writable(a) -> np.ndarray:
@@ -81,62 +79,66 @@ def _writable(a) -> np.ndarray:
     return a
 
 
-def torch_grad(x, kernel, g, *, strides, padding, wrt):
-    """The input (``wrt="input"``) or kernel gradient of an NHWC x HWIO convolution with symmetric
-    ``padding`` ((p, p), (q, q)), by ``torch.ops.aten.convolution_backward`` on views of the numpy
-    arrays (NHWC seen as channels-last NCHW, which oneDNN takes as it is)."""
+def torch_kernel_grad(x, g, *, kernel_shape, strides, padding) -> np.ndarray:
+    """The HWIO kernel gradient of an NHWC convolution with symmetric ``padding`` ((p, p), (q, q))
+    by ``torch.ops.aten.convolution_backward``, on views of the numpy arrays (NHWC seen as
+    channels-last NCHW, which oneDNN takes as it is). The kernel's values are not needed: torch
+    gets an uninitialised tensor of its shape."""
     import torch
 
-    x_t = torch.from_numpy(_writable(x)).permute(0, 3, 1, 2)
-    g_t = torch.from_numpy(_writable(g)).permute(0, 3, 1, 2)
-    kernel_t = torch.from_numpy(_writable(kernel)).permute(3, 2, 0, 1)
-    want_input = wrt == "input"
-    d_input, d_kernel, _ = torch.ops.aten.convolution_backward(
-        g_t, x_t, kernel_t, None, list(strides), [p[0] for p in padding], [1, 1], False, [0, 0], 1,
-        [want_input, not want_input, False])
-    if want_input:
-        return np.ascontiguousarray(d_input.permute(0, 2, 3, 1).numpy())
+    kh, kw, c_in, c_out = kernel_shape
+    _, d_kernel, _ = torch.ops.aten.convolution_backward(
+        torch.from_numpy(_writable(g)).permute(0, 3, 1, 2), torch.from_numpy(_writable(x)).permute(0, 3, 1, 2),
+        torch.empty((c_out, c_in, kh, kw), dtype=torch.float32), None, list(strides), [p[0] for p in padding],
+        [1, 1], False, [0, 0], 1, [False, True, False])
     return np.ascontiguousarray(d_kernel.permute(2, 3, 1, 0).numpy())
 
 
-conv_grad_p = Primitive("jaxft_conv_grad")
+kernel_grad_p = Primitive("jaxft_conv_kernel_grad")
 
 
-def _abstract(x, kernel, g, *, strides, padding, wrt):
-    like = x if wrt == "input" else kernel
-    return jax.core.ShapedArray(like.shape, like.dtype)
+def _abstract(x, g, *, kernel_shape, strides, padding):
+    return jax.core.ShapedArray(kernel_shape, x.dtype)
 
 
-def _eager(x, kernel, g, *, strides, padding, wrt):
+def _eager(x, g, **params):
     if jax.default_backend() == "cpu" and available():
-        return jnp.asarray(torch_grad(x, kernel, g, strides=strides, padding=padding, wrt=wrt))
-    return _xla_grad(x, kernel, g, strides=strides, padding=padding, wrt=wrt)
+        return jnp.asarray(torch_kernel_grad(x, g, **params))
+    return _xla_kernel_grad(x, g, **params)
+
+
+def _batched(args, dims, **params):
+    """Under ``vmap`` (per-example gradients, say), XLA's gradient for each."""
+    return jax.vmap(functools.partial(_xla_kernel_grad, **params), in_axes=dims)(*args), 0
 
 
 def _partitioned(ctx) -> bool:
     """Whether the step is partitioned over several devices (a callback would run on one)."""
-    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
-    return getattr(mesh, "size", 1) > 1 or getattr(ctx.module_context.axis_context, "num_devices", 1) > 1
+    context = ctx.module_context.axis_context
+    return getattr(getattr(context, "mesh", None), "size", 1) > 1 or getattr(context, "num_devices", 1) > 1
 
 
-def _cpu_lowering(ctx, x, kernel, g, *, strides, padding, wrt):
+def _cpu_lowering(ctx, x, g, **params):
     if not available() or _partitioned(ctx):
-        return mlir.lower_fun(functools.partial(_xla_grad, strides=strides, padding=padding, wrt=wrt),
-                              multiple_results=False)(ctx, x, kernel, g)
+        return mlir.lower_fun(functools.partial(_xla_kernel_grad, **params), multiple_results=False)(ctx, x, g)
 
-    def callback(x, kernel, g):
-        return (torch_grad(x, kernel, g, strides=strides, padding=padding, wrt=wrt),)
+    def callback(x, g):
+        return (torch_kernel_grad(x, g, **params),)
 
-    results, _, _ = _emit_python_callback()(ctx, callback, None, [x, kernel, g], ctx.avals_in, ctx.avals_out,
+    results, _, _ = _emit_python_callback()(ctx, callback, None, [x, g], ctx.avals_in, ctx.avals_out,
                                             has_side_effect=False, returns_token=False)
     return results
 
 
-conv_grad_p.def_abstract_eval(_abstract)
-conv_grad_p.def_impl(_eager)
-mlir.register_lowering(conv_grad_p, mlir.lower_fun(_xla_grad, multiple_results=False))
-mlir.register_lowering(conv_grad_p, _cpu_lowering, platform="cpu")
+kernel_grad_p.def_abstract_eval(_abstract)
+kernel_grad_p.def_impl(_eager)
+batching.primitive_batchers[kernel_grad_p] = _batched
+mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_xla_kernel_grad, multiple_results=False))
+mlir.register_lowering(kernel_grad_p, _cpu_lowering, platform="cpu")
 
 
-def conv_grad(x, kernel, g, *, strides, padding, wrt):
-    return conv_grad_p.bind(x, kernel, g, strides=tuple(strides), padding=tuple(map(tuple, padding)), wrt=wrt)
+def kernel_grad(x, g, *, kernel_shape, strides, padding):
+    """The kernel gradient of ``conv(x, kernel)`` (NHWC, HWIO, symmetric padding) for the output
+    gradient ``g``: torch's kernel on the CPU where ``available()``, else XLA's."""
+    return kernel_grad_p.bind(x, g, kernel_shape=tuple(kernel_shape), strides=tuple(strides),
+                              padding=tuple(map(tuple, padding)))

@@ -293,7 +293,7 @@ def _use_host_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_host_kernel_grad(x, kernel, strides, padding):
     """A convolution (NHWC, HWIO) whose kernel gradient is torch's CPU kernel
-    (``host_conv.conv_grad``); the forward pass and the input gradient are XLA's own."""
+    (``host_conv.kernel_grad``); the forward pass and the input gradient are XLA's own."""
     return _strided_conv(x, kernel, strides, padding)
 
 
@@ -304,7 +304,7 @@ def _conv_host_kernel_grad_forward(x, kernel, strides, padding):
 def _conv_host_kernel_grad_backward(strides, padding, residuals, g):
     x, kernel = residuals
     (dx,) = jax.vjp(lambda x: _strided_conv(x, kernel, strides, padding), x)[1](g)
-    return dx, host_conv.conv_grad(x, kernel, g, strides=strides, padding=padding, wrt="kernel")
+    return dx, host_conv.kernel_grad(x, g, kernel_shape=kernel.shape, strides=strides, padding=padding)
 
 
 _conv_host_kernel_grad.defvjp(_conv_host_kernel_grad_forward, _conv_host_kernel_grad_backward)
@@ -439,4 +439,3 @@ def _conv_phase_input_grad_backward(strides, padding, residuals, g):
 
 
 _conv_phase_input_grad.defvjp(_conv_phase_input_grad_forward, _conv_phase_input_grad_backward)
-
