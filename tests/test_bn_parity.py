@@ -25,8 +25,8 @@ Cases: ``full`` (every BatchNorm in batch statistics) and ``partial:0.8`` under 
 (``torch``: frozen layers still normalise with batch statistics, as ``requires_grad=False`` in
 ``model.train()``; ``running``: frozen layers normalise with running statistics, as torch
 modules put in ``eval()``), and ``full`` with every kxk convolution's kernel gradient by torch's
-kernel (the route layers.py takes for large maps, forced onto these small ones). The source checkpoint is a well-conditioned start: trained weights,
-a fresh seeded head.
+kernel (the route layers.py takes for large maps, forced onto these small ones). The source
+checkpoint is a well-conditioned start: trained weights, a fresh seeded head.
 """
 
 from __future__ import annotations
