@@ -39,6 +39,17 @@ def gradual_reference(tmp_path_factory, source_checkpoint, jaxft_cache):
     return _summary(run)
 
 
+def _killed_after_a_checkpoint(args, run, env, steps: int) -> int:
+    """Starts ``jaxft.train *args --out run``, kills it (SIGKILL) once a checkpoint is saved,
+    and returns that checkpoint's step, which must be short of the run's ``steps``."""
+    proc = start_training(*args, "--out", run, env=env)
+    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(run)), signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    latest = saved_steps(run)[-1]
+    assert 0 < latest < steps and not (run / "summary.json").exists()
+    return latest
+
+
 def test_gradual_stopped_by_ctrl_c_mid_epoch_resumes_to_the_same_result(env, tmp_path, gradual_reference):
     run = tmp_path / "run"
     proc = start_training(*GRADUAL, "--out", run, env=env)
@@ -165,11 +176,7 @@ def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uni
     assert result.returncode == 0, result.stderr[-3000:]
 
     run = tmp_path / "run"
-    proc = start_training(*args, "--out", run, env=env)
-    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(run)), signal.SIGKILL)
-    assert code == -signal.SIGKILL, stderr[-2000:]
-    latest = saved_steps(run)[-1]
-    assert 0 < latest < _summary(reference)["steps"] and not (run / "summary.json").exists()
+    latest = _killed_after_a_checkpoint(args, run, env, _summary(reference)["steps"])
     result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {run} at step {latest}" in result.stdout
@@ -190,11 +197,7 @@ def test_head_on_the_split_cpu_killed_and_resumed_matches_the_uninterrupted_run_
     assert "steps and evaluation on 2 CPU devices" in result.stdout and _summary(reference)["devices"] == 2
 
     run = tmp_path / "run"
-    proc = start_training(*args, "--out", run, env=env)
-    code, stderr = interrupt_when(proc, lambda: bool(saved_steps(run)), signal.SIGKILL)
-    assert code == -signal.SIGKILL, stderr[-2000:]
-    latest = saved_steps(run)[-1]
-    assert 0 < latest < _summary(reference)["steps"] and not (run / "summary.json").exists()
+    latest = _killed_after_a_checkpoint(args, run, env, _summary(reference)["steps"])
     elsewhere = tmp_path / "elsewhere"  # the same stopped run, to be resumed launched another way
     shutil.copytree(run, elsewhere)
     result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
