@@ -327,8 +327,8 @@ def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(mon
     operand bytes), vgg16's at 64 px down to its 32x32 maps; not the main job's 32 px stem (whose
     step stays in the persistent compilation cache), nor maps under 10x10 cells however many
     (torch's kernel is slower there; layers.py has the figures). Not a 1x1 kernel, asymmetric
-    padding, bfloat16 or grouped convolutions, and not on a JAX release host_conv.py was not
-    checked against."""
+    padding, bfloat16 or grouped convolutions, not with ``JAXFT_TORCH_KERNELS=0``, and not on a JAX
+    release host_conv.py was not checked against."""
     from jaxft.models import host_conv, layers
 
     def takes_route(size, c_in=64, c_out=64, kernel=3, stride=1, batch=16, padding=None, dtype=jnp.float32,
@@ -347,6 +347,9 @@ def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(mon
     assert not takes_route(8, 512, 512, batch=512)  # 64 cells: not at any batch
     assert not takes_route(56, kernel=1) and not takes_route(56, padding=((0, 1), (0, 1)))
     assert not takes_route(56, dtype=jnp.bfloat16) and not takes_route(56, groups=2)
+    monkeypatch.setenv("JAXFT_TORCH_KERNELS", "0")  # the user's way to keep every kernel XLA's
+    assert not host_conv.available() and not takes_route(56)
+    monkeypatch.delenv("JAXFT_TORCH_KERNELS")
     monkeypatch.setattr(host_conv, "_jax_release", lambda: (0, 4))
     host_conv._emit_python_callback.cache_clear()
     try:

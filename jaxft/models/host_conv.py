@@ -14,12 +14,14 @@ host callback is not kept in JAX's persistent compilation cache).
 
 The lowering uses ``jax._src.callback.emit_python_callback``, an internal of JAX: ``available()``
 is False on a JAX release it was not checked against (``CHECKED_JAX``) or where that function is
-missing, and the layers then take the routes they had before.
+missing, and where the user turned the route off (``JAXFT_TORCH_KERNELS=0``); the layers then
+take the routes they had before.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from importlib.metadata import version
 from typing import Optional
 
@@ -54,8 +56,10 @@ def _emit_python_callback():
 
 
 def available() -> bool:
-    """Whether ``kernel_grad`` can call torch's kernel on this JAX (else it is XLA's gradient)."""
-    return _emit_python_callback() is not None
+    """Whether ``kernel_grad`` can call torch's kernel: on a checked JAX release, unless the user
+    set ``JAXFT_TORCH_KERNELS=0`` (every kernel XLA's, and every step cacheable). Else the layers
+    take the routes they had before."""
+    return os.environ.get("JAXFT_TORCH_KERNELS", "1") != "0" and _emit_python_callback() is not None
 
 
 def _xla_kernel_grad(x, g, *, kernel_shape, strides, padding):
