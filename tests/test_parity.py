@@ -269,23 +269,30 @@ def test_kernel_gradient_tap_route_takes_vgg_layers_and_no_resnet_layer_at_224_p
     assert not takes_route(16, 28, 128, 128) and not takes_route(16, 14, 256, 256)
 
 
-@pytest.mark.parametrize("hw,c_in,kernel,stride,bias", [((12, 12), 8, 3, 1, True), ((13, 11), 8, 3, 2, False),
-                                                       ((20, 18), 3, 7, 2, False), ((10, 10), 8, 5, 1, True)])
+@pytest.mark.parametrize("hw,c_in,kernel,stride,bias", [((12, 12), 8, (3, 3), (1, 1), True),
+                                                       ((13, 11), 8, (3, 3), (2, 2), False),
+                                                       ((20, 18), 3, (7, 7), (2, 2), False),
+                                                       ((10, 10), 8, (5, 5), (1, 1), True),
+                                                       ((13, 17), 8, (3, 5), (2, 1), False)])
 def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch, hw, c_in, kernel, stride, bias):
     """Conv's route for maps of at least 10x10 cells on the CPU (the kernel gradient by torch's
     kernel through a host callback, host_conv.py; taken from HOST_KERNEL_GRAD_MIN_BYTES of
     operands up, lowered here so that small maps take it), jitted and not: the route is taken (its
     primitive is in the step), the forward pass and input gradient are XLA's bit for bit, and the
     kernel and bias gradients are as close to torch float64 as torch float32 is (within twice its
-    distance, or 1e-6). Odd and strided maps, the ResNet stem's 7x7/2 over 3 channels, a 5x5."""
+    distance, or 1e-6). Odd and strided maps, the ResNet stem's 7x7/2 over 3 channels, a 5x5, and
+    a 3x5 kernel with strides (2, 1) over a non-square map (height and width kept apart)."""
     from jaxft.models import host_conv, layers
 
     monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
+    torch_calls = []
+    kernel_grad = host_conv.torch_kernel_grad
+    monkeypatch.setattr(host_conv, "torch_kernel_grad", lambda *a, **k: torch_calls.append(1) or kernel_grad(*a, **k))
 
-    pad = kernel // 2
+    pad = (kernel[0] // 2, kernel[1] // 2)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(3, c_in, *hw, generator=gen)
-    weight = torch.randn(16, c_in, kernel, kernel, generator=gen)
+    weight = torch.randn(16, c_in, *kernel, generator=gen)
     b = torch.randn(16, generator=gen)
     cotangent = torch.randn(*torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad).shape, generator=gen)
 
@@ -295,25 +302,26 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
         y.backward(cotangent.to(dtype))
         return [wt.grad.permute(2, 3, 1, 0).numpy().astype(np.float64)] + ([bt.grad.numpy()] if bias else [])
 
-    conv = layers.Conv(16, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)), use_bias=bias)
+    conv = layers.Conv(16, kernel, stride, ((pad[0],) * 2, (pad[1],) * 2), use_bias=bias)
     params = {"kernel": jnp.asarray(weight.permute(2, 3, 1, 0).numpy())}
     params |= {"bias": jnp.asarray(b.numpy())} if bias else {}
     x_nhwc, g = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(nchw_to_nhwc(cotangent))
-    assert host_conv.available() and layers._use_host_kernel_grad(x_nhwc, 16, (kernel, kernel), (stride, stride),
-                                                                  conv.padding, 1)
+    assert host_conv.available() and layers._use_host_kernel_grad(x_nhwc, 16, kernel, stride, conv.padding, 1)
 
     def step(p, v):
         y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), p, v)
         return y, *vjp(g)
 
-    assert "jaxft_conv_kernel_grad" in str(jax.make_jaxpr(step)(params, x_nhwc))
-    xla = lambda p, v: (jax.lax.conv_general_dilated(v, p["kernel"], (stride, stride), conv.padding,  # noqa: E731
+    assert "python_cpu_callback" in jax.jit(step).lower(params, x_nhwc).as_text()  # torch's kernel, not XLA's
+    xla = lambda p, v: (jax.lax.conv_general_dilated(v, p["kernel"], stride, conv.padding,  # noqa: E731
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
                         + (p["bias"] if bias else 0))
     y_xla, xla_vjp = jax.vjp(xla, params, x_nhwc)
     expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
     for run in (step, jax.jit(step)):
+        torch_calls.clear()
         y, p_grad, x_grad = run(params, x_nhwc)
+        assert torch_calls == [1]  # eagerly too
         assert np.array_equal(np.asarray(y), np.asarray(y_xla))
         assert np.array_equal(np.asarray(x_grad), np.asarray(xla_vjp(g)[1]))
         got = [p_grad["kernel"]] + ([p_grad["bias"]] if bias else [])
@@ -376,6 +384,29 @@ def test_torch_kernel_route_under_vmap_is_xlas_gradient_per_example(monkeypatch)
     got = per_example(params, x)["kernel"]
     for i in range(3):
         assert rel_l2(got[i], grad(params, x[i])["kernel"]) <= 1e-6
+
+
+def test_torch_kernel_route_has_gradients_of_gradients(monkeypatch):
+    """The gradient of a routed Conv's gradient (a gradient penalty, say): the primitive's
+    derivative is XLA's, and the result equals the unrouted convolution's up to float32 rounding."""
+    from jaxft.models import layers
+
+    conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 4))
+    params = conv.init(jax.random.key(1), x)["params"]
+
+    def penalty(p, v):
+        g = jax.grad(lambda p: (conv.apply({"params": p}, v) ** 3).sum())(p)
+        return (g["kernel"] ** 2).sum()
+
+    results = {}
+    for floor in (0, float("inf")):
+        monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", floor)
+        second = jax.jit(jax.grad(penalty, argnums=(0, 1)))
+        assert ("python_cpu_callback" in second.lower(params, x).as_text()) == (floor == 0)
+        results[floor] = second(params, x)
+    (routed_p, routed_x), (xla_p, xla_x) = results[0], results[float("inf")]
+    assert rel_l2(routed_p["kernel"], xla_p["kernel"]) <= 1e-6 and rel_l2(routed_x, xla_x) <= 1e-6
 
 
 PARTITIONED_PROBE = """

@@ -161,7 +161,9 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
 def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uninterrupted_run(env, tmp_path):
     """`full` at 64 px and batch 64, where the stem's kernel gradient is torch's kernel called back
     from the step (jaxft/models/host_conv.py): killed after a checkpoint and resumed, the run ends
-    where the uninterrupted run does, bit for bit (torch's kernel gives the same bits again)."""
+    where the uninterrupted run does, bit for bit (torch's kernel gives the same bits again). The
+    same run with every kernel XLA's (JAXFT_TORCH_KERNELS=0) ends elsewhere in its last bits,
+    which shows that the CLI took the route."""
     import jax
     import jax.numpy as jnp
 
@@ -181,6 +183,12 @@ def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uni
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {run} at step {latest}" in result.stdout
     assert_same_result(_summary(run), _summary(reference))
+
+    xla_only = tmp_path / "xla_only"
+    result = cli("jaxft.train", *args, "--out", xla_only, env={**env, "JAXFT_TORCH_KERNELS": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _summary(xla_only)["train"]["loss"] != _summary(reference)["train"]["loss"]
+    assert _summary(xla_only)["train"]["loss"] == pytest.approx(_summary(reference)["train"]["loss"], rel=1e-3)
 
 
 @TWO_CORES

@@ -1,15 +1,16 @@
 """Convolution kernel gradients on the CPU by torch's own kernel, called from the jitted step.
 
 On the CPU, XLA's kernel gradient of a kxk convolution is its slowest kernel: on the Intel Xeon
-this project measured (jaxlib 0.10), resnet18's 56x56, 64 -> 64 layer at batch 16 takes 95-114 ms
-where torch's ``convolution_backward`` (oneDNN) takes 13 ms, and it is further from float64 (6e-6
-against 3e-7). jaxft depends on torch already (it is the weights' source and the numerical
-reference), so ``kernel_grad`` computes a convolution's kernel gradient with torch's kernel: a
-JAX primitive whose CPU lowering is a host callback into torch. jaxlib hands the callback its own
-copy of each operand (about 0.25 ms per MiB); ``jax.pure_callback`` would copy them a second time
-(about 0.6 ms per MiB in all), which ate most of the gain. Elsewhere (a GPU; a step partitioned
-over several devices, where a callback would gather every operand onto one of them; under
-``vmap``) it is XLA's own gradient. docs/decisions.md says why and what it costs (a step with a
+this project measured (jaxlib 0.10), resnet18's 56x56, 64 -> 64 layer at batch 16 takes 101 ms
+where this primitive takes 16 ms (13 ms of them torch's ``convolution_backward``, oneDNN), and it
+is further from float64 (6e-6 against 3e-7). jaxft depends on torch already (it is the weights'
+source and the numerical reference), so ``kernel_grad`` computes a convolution's kernel gradient
+with torch's kernel: a JAX primitive whose CPU lowering is a host callback into torch. jaxlib
+hands the callback its own copy of each operand (0.1-0.25 ms per MiB measured); ``jax.pure_callback``
+copies them again first (about 0.8 ms per MiB in all), which ate most of the gain. Elsewhere (a
+GPU; a step partitioned over several devices, where a callback would gather every operand onto
+one of them; under ``vmap``) it is XLA's own gradient, and so is its derivative (a JVP rule, for
+gradients of gradients). docs/decisions.md says why and what it costs (a step with a
 host callback is not kept in JAX's persistent compilation cache).
 
 The lowering uses ``jax._src.callback.emit_python_callback``, an internal of JAX: ``available()``
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 # JAX releases (major, minor) whose internal emit_python_callback this module was checked against
 CHECKED_JAX = {(0, 10)}
@@ -116,6 +117,13 @@ def _batched(args, dims, **params):
     return jax.vmap(functools.partial(_xla_kernel_grad, **params), in_axes=dims)(*args), 0
 
 
+def _jvp(primals, tangents, **params):
+    """The kernel gradient is bilinear in (x, g); its derivative is XLA's (gradients of gradients)."""
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    _, tangent = jax.jvp(functools.partial(_xla_kernel_grad, **params), tuple(primals), tangents)
+    return kernel_grad_p.bind(*primals, **params), tangent
+
+
 def _partitioned(ctx) -> bool:
     """Whether the step is partitioned over several devices (a callback would run on one)."""
     context = ctx.module_context.axis_context
@@ -137,6 +145,7 @@ def _cpu_lowering(ctx, x, g, **params):
 kernel_grad_p.def_abstract_eval(_abstract)
 kernel_grad_p.def_impl(_eager)
 batching.primitive_batchers[kernel_grad_p] = _batched
+ad.primitive_jvps[kernel_grad_p] = _jvp
 mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_xla_kernel_grad, multiple_results=False))
 mlir.register_lowering(kernel_grad_p, _cpu_lowering, platform="cpu")
 

@@ -310,7 +310,8 @@ def _conv_host_kernel_grad_backward(strides, padding, residuals, g):
 _conv_host_kernel_grad.defvjp(_conv_host_kernel_grad_forward, _conv_host_kernel_grad_backward)
 
 
-# Where the host route is not available (a JAX release host_conv.py was not checked against):
+# Where the host route is not taken (JAXFT_TORCH_KERNELS=0, a JAX release host_conv.py was not
+# checked against, asymmetric padding):
 # XLA:CPU (jaxlib 0.10) runs convolutions as YNNPACK fusions by default, and its kernel gradient of
 # a stride-1 kxk convolution over large maps is 2-4x slower than the same sums as k*k matmuls (the
 # input map's shifted views against the output gradient, contracted over N*H*W), e.g. vgg16's
