@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,3 +82,13 @@ def assert_same_result(got: dict, expected: dict) -> None:
         assert got[split]["loss"] == expected[split]["loss"], split
         assert got[split]["accuracy"] == expected[split]["accuracy"], split
     assert got["val"]["confusion_matrix"] == expected["val"]["confusion_matrix"]
+
+
+def device_probe(script: str, *args, timeout: int = 120, **env) -> dict:
+    """The JSON last printed by ``script`` in a fresh CPU-only interpreter, with no device count of
+    the user's unless ``env`` sets one."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env={**environ, "JAX_PLATFORMS": "cpu",
+                          **env}, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -17,6 +17,23 @@ def offline_torch_home(tmp_path, monkeypatch):
     return tmp_path / "torch_home"
 
 
+@pytest.fixture
+def torch_kernel_calls(monkeypatch):
+    """The kernel shape of every call of torch's kernel gradient (jaxft/models/host_conv.py) during
+    the test, in order: proof that the route ran, eagerly or from a compiled step."""
+    from jaxft.models import host_conv
+
+    calls = []
+    kernel_grad = host_conv.torch_kernel_grad
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["kernel_shape"])
+        return kernel_grad(*args, **kwargs)
+
+    monkeypatch.setattr(host_conv, "torch_kernel_grad", recorded)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def jaxft_cache(tmp_path_factory):
     """A JAXFT_CACHE shared by this run's xdist workers (and the CLIs they start)."""

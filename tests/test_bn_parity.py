@@ -96,19 +96,16 @@ def trajectory_distances(state, batches, spec, policy) -> dict[str, tuple[float,
 
 
 @pytest.mark.parametrize("spec,policy", CASES)
-def test_adam_trajectory_through_batchnorm_matches_torch(starts, spec, policy, monkeypatch):
-    torch_kernel_calls, forced = [], spec.endswith("+torch-kernel-grads")
+def test_adam_trajectory_through_batchnorm_matches_torch(starts, spec, policy, monkeypatch, torch_kernel_calls):
+    forced = spec.endswith("+torch-kernel-grads")
     if forced:
         # every kxk layer's kernel gradient by torch's kernel (jaxft/models/host_conv.py), which
-        # at 32 px would take none: the floors lowered to every map, and the calls counted
-        from jaxft.models import host_conv, layers
+        # at 32 px would take none: the floors lowered to every map
+        from jaxft.models import layers
 
         spec = spec.removesuffix("+torch-kernel-grads")
         monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_CELLS", 1)
         monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
-        kernel_grad = host_conv.torch_kernel_grad
-        monkeypatch.setattr(host_conv, "torch_kernel_grad",
-                            lambda *a, **k: torch_kernel_calls.append(k["kernel_shape"]) or kernel_grad(*a, **k))
     assert_no_further_than_torch_over_seeds([trajectory_distances(state, batches, spec, policy)
                                              for state, batches in starts])
     # forced: the kernel gradients of the stem, layer1, layer2 and layer3.0.conv1 (5 shapes; layer3's

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from clitools import device_probe
 from jaxft.parity import nchw_to_nhwc, rel_l2, torch_reference
 from jaxft import ARCHS, create_model, from_torch, to_torch
 from jaxft.convert import variables_to_state_dict
@@ -269,12 +268,18 @@ def test_kernel_gradient_tap_route_takes_vgg_layers_and_no_resnet_layer_at_224_p
     assert not takes_route(16, 28, 128, 128) and not takes_route(16, 14, 256, 256)
 
 
+def calls_back(fn, *args) -> bool:
+    """Whether ``fn``, jitted for ``args``, calls back into Python (torch's kernel) from its step."""
+    return "python_cpu_callback" in jax.jit(fn).lower(*args).as_text()
+
+
 @pytest.mark.parametrize("hw,c_in,kernel,stride,bias", [((12, 12), 8, (3, 3), (1, 1), True),
                                                        ((13, 11), 8, (3, 3), (2, 2), False),
                                                        ((20, 18), 3, (7, 7), (2, 2), False),
                                                        ((10, 10), 8, (5, 5), (1, 1), True),
                                                        ((13, 17), 8, (3, 5), (2, 1), False)])
-def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch, hw, c_in, kernel, stride, bias):
+def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch, torch_kernel_calls, hw, c_in, kernel,
+                                                                     stride, bias):
     """Conv's route for maps of at least 10x10 cells on the CPU (the kernel gradient by torch's
     kernel through a host callback, host_conv.py; taken from HOST_KERNEL_GRAD_MIN_BYTES of
     operands up, lowered here so that small maps take it), jitted and not: the route is taken (its
@@ -285,9 +290,6 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
     from jaxft.models import host_conv, layers
 
     monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
-    torch_calls = []
-    kernel_grad = host_conv.torch_kernel_grad
-    monkeypatch.setattr(host_conv, "torch_kernel_grad", lambda *a, **k: torch_calls.append(1) or kernel_grad(*a, **k))
 
     pad = (kernel[0] // 2, kernel[1] // 2)
     gen = torch.Generator().manual_seed(12)
@@ -312,16 +314,16 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
         y, vjp = jax.vjp(lambda p, v: conv.apply({"params": p}, v), p, v)
         return y, *vjp(g)
 
-    assert "python_cpu_callback" in jax.jit(step).lower(params, x_nhwc).as_text()  # torch's kernel, not XLA's
+    assert calls_back(step, params, x_nhwc)  # torch's kernel, not XLA's
     xla = lambda p, v: (jax.lax.conv_general_dilated(v, p["kernel"], stride, conv.padding,  # noqa: E731
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
                         + (p["bias"] if bias else 0))
     y_xla, xla_vjp = jax.vjp(xla, params, x_nhwc)
     expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
     for run in (step, jax.jit(step)):
-        torch_calls.clear()
+        torch_kernel_calls.clear()
         y, p_grad, x_grad = run(params, x_nhwc)
-        assert torch_calls == [1]  # eagerly too
+        assert len(torch_kernel_calls) == 1  # eagerly too
         assert np.array_equal(np.asarray(y), np.asarray(y_xla))
         assert np.array_equal(np.asarray(x_grad), np.asarray(xla_vjp(g)[1]))
         got = [p_grad["kernel"]] + ([p_grad["bias"]] if bias else [])
@@ -379,8 +381,7 @@ def test_torch_kernel_route_under_vmap_is_xlas_gradient_per_example(monkeypatch)
     params = conv.init(jax.random.key(1), x[0])["params"]
     grad = jax.grad(lambda p, v: (conv.apply({"params": p}, v) ** 2).sum())
     per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))
-    assert "python_cpu_callback" not in per_example.lower(params, x).as_text()
-    assert "python_cpu_callback" in jax.jit(grad).lower(params, x[0]).as_text()
+    assert not calls_back(per_example, params, x) and calls_back(grad, params, x[0])
     got = per_example(params, x)["kernel"]
     for i in range(3):
         assert rel_l2(got[i], grad(params, x[i])["kernel"]) <= 1e-6
@@ -403,7 +404,7 @@ def test_torch_kernel_route_has_gradients_of_gradients(monkeypatch):
     for floor in (0, float("inf")):
         monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", floor)
         second = jax.jit(jax.grad(penalty, argnums=(0, 1)))
-        assert ("python_cpu_callback" in second.lower(params, x).as_text()) == (floor == 0)
+        assert calls_back(second, params, x) == (floor == 0)
         results[floor] = second(params, x)
     (routed_p, routed_x), (xla_p, xla_x) = results[0], results[float("inf")]
     assert rel_l2(routed_p["kernel"], xla_p["kernel"]) <= 1e-6 and rel_l2(routed_x, xla_x) <= 1e-6
@@ -432,16 +433,7 @@ def test_torch_kernel_route_gives_way_to_xla_on_a_step_split_over_devices():
     """A step partitioned over several CPU devices would gather every operand of a host callback
     onto one of them: there the primitive lowers to XLA's own kernel gradient (same values within
     float32 rounding), and on one device to the callback."""
-    import json
-    import subprocess
-    import sys
-
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    done = subprocess.run([sys.executable, "-c", PARTITIONED_PROBE], capture_output=True, text=True, timeout=300,
-                          env={**environ, "JAX_PLATFORMS": "cpu",
-                               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = device_probe(PARTITIONED_PROBE, timeout=300, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert found["devices"] == 2 and found["single_callback"] and not found["callback"]
     assert found["rel"] <= 1e-5
 

@@ -14,7 +14,7 @@ import sys
 
 
 import jaxft.runtime
-from clitools import TWO_CORES
+from clitools import TWO_CORES, device_probe
 from jaxft.runtime import apply_xla_flags, default_xla_flags
 
 OURS = "--xla_cpu_experimental_ynn_fusion_type"  # a real flag, standing in for a default jaxft would add
@@ -99,16 +99,6 @@ print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.
                   "head 32 x 64^2": len(runtime.run_devices(False, 32, 64)),
                   "full 16 x 224^2": len(runtime.run_devices(True, 16, 224))}))
 """
-
-
-def device_probe(script: str, *args, **env) -> dict:
-    """The JSON last printed by ``script`` in a fresh CPU-only interpreter, with no device count of
-    the user's unless ``env`` sets one."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env={**environ, "JAX_PLATFORMS": "cpu",
-                          **env}, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @TWO_CORES

@@ -58,7 +58,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
-        elif key == "hostgrad":
+        elif key == "hostgrad":  # hostgrad=0: no kernel gradient by torch's kernel, XLA's or the taps as before
             options["_hostgrad"] = value
         elif key == "tapwide":  # tapwide=0: the tap route for >= 128 output channels only, as before 2026-11-29
             options["_tapwide"] = value
