@@ -26,9 +26,9 @@ def torch_kernel_calls(monkeypatch):
     calls = []
     kernel_grad = host_conv.torch_kernel_grad
 
-    def recorded(*args, **kwargs):
-        calls.append(kwargs["kernel_shape"])
-        return kernel_grad(*args, **kwargs)
+    def recorded(x, g, out, **kwargs):
+        calls.append(out.shape)
+        return kernel_grad(x, g, out, **kwargs)
 
     monkeypatch.setattr(host_conv, "torch_kernel_grad", recorded)
     return calls

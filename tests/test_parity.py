@@ -234,7 +234,7 @@ def test_conv_kernel_gradient_as_tap_matmuls_matches_float64_torch(monkeypatch, 
         return y, [x_grad, p_grad["kernel"]] + ([p_grad["bias"]] if bias else [])
 
     # the tap route is where torch's kernel cannot be called (host_conv.available() False)
-    monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_CELLS", float("inf"))
+    monkeypatch.setenv("JAXFT_TORCH_KERNELS", "0")
     y_xla, _ = grads()
     monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_BYTES", 0)
     monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_FEATURES", 1)
@@ -269,8 +269,10 @@ def test_kernel_gradient_tap_route_takes_vgg_layers_and_no_resnet_layer_at_224_p
 
 
 def calls_back(fn, *args) -> bool:
-    """Whether ``fn``, jitted for ``args``, calls back into Python (torch's kernel) from its step."""
-    return "python_cpu_callback" in jax.jit(fn).lower(*args).as_text()
+    """Whether ``fn``, jitted for ``args``, calls torch's kernel (its FFI target) from its step."""
+    from jaxft.models import host_conv
+
+    return host_conv.TARGET in jax.jit(fn).lower(*args).as_text()
 
 
 @pytest.mark.parametrize("hw,c_in,kernel,stride,bias", [((12, 12), 8, (3, 3), (1, 1), True),
@@ -278,18 +280,15 @@ def calls_back(fn, *args) -> bool:
                                                        ((20, 18), 3, (7, 7), (2, 2), False),
                                                        ((10, 10), 8, (5, 5), (1, 1), True),
                                                        ((13, 17), 8, (3, 5), (2, 1), False)])
-def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch, torch_kernel_calls, hw, c_in, kernel,
-                                                                     stride, bias):
-    """Conv's route for maps of at least 10x10 cells on the CPU (the kernel gradient by torch's
-    kernel through a host callback, host_conv.py; taken from HOST_KERNEL_GRAD_MIN_BYTES of
-    operands up, lowered here so that small maps take it), jitted and not: the route is taken (its
-    primitive is in the step), the forward pass and input gradient are XLA's bit for bit, and the
+def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(torch_kernel_calls, hw, c_in, kernel, stride,
+                                                                     bias):
+    """Conv's route on the CPU (the kernel gradient by torch's kernel through an FFI custom call,
+    host_conv.py), jitted and not: the route is taken (its target is in the step, and torch's
+    kernel runs), the forward pass and input gradient are XLA's bit for bit, and the
     kernel and bias gradients are as close to torch float64 as torch float32 is (within twice its
     distance, or 1e-6). Odd and strided maps, the ResNet stem's 7x7/2 over 3 channels, a 5x5, and
     a 3x5 kernel with strides (2, 1) over a non-square map (height and width kept apart)."""
     from jaxft.models import host_conv, layers
-
-    monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
 
     pad = (kernel[0] // 2, kernel[1] // 2)
     gen = torch.Generator().manual_seed(12)
@@ -322,7 +321,7 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
     expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
     for run in (step, jax.jit(step)):
         torch_kernel_calls.clear()
-        y, p_grad, x_grad = run(params, x_nhwc)
+        y, p_grad, x_grad = jax.block_until_ready(run(params, x_nhwc))  # the step's calls have run
         assert len(torch_kernel_calls) == 1  # eagerly too
         assert np.array_equal(np.asarray(y), np.asarray(y_xla))
         assert np.array_equal(np.asarray(x_grad), np.asarray(xla_vjp(g)[1]))
@@ -331,14 +330,13 @@ def test_conv_kernel_gradient_by_torchs_kernel_matches_float64_torch(monkeypatch
             assert rel_l2(np.asarray(gr, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
 
 
-def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(monkeypatch):
-    """Which layers take torch's kernel gradient (shapes only): at batch 16 every kxk layer of
-    resnet18 and vgg16 at 224 px but resnet's 14x14 and 7x7 ones (vgg16's 14x14x512 have the
-    operand bytes), vgg16's at 64 px down to its 32x32 maps; not the main job's 32 px stem (whose
-    step stays in the persistent compilation cache), nor maps under 10x10 cells however many
-    (torch's kernel is slower there; layers.py has the figures). Not a 1x1 kernel, asymmetric
-    padding, bfloat16 or grouped convolutions, not with ``JAXFT_TORCH_KERNELS=0``, and not on a JAX
-    release host_conv.py was not checked against."""
+def test_torch_kernel_route_takes_narrow_layers_and_large_maps_and_is_left_where_it_cannot_run(monkeypatch):
+    """Which layers take torch's kernel gradient (shapes only): every kxk layer of up to 256
+    channels whatever its map (resnet18's and vgg16's at 224 px, 64 px and the main job's 32 px,
+    the stem included), and wider ones over maps of at least 10x10 cells (vgg16's 14x14x512 at
+    224 px, not resnet's 7x7x512, where torch's kernel is no faster; layers.py has the figures).
+    Not a 1x1 kernel, asymmetric padding, bfloat16 or grouped convolutions, not with
+    ``JAXFT_TORCH_KERNELS=0``, and not on a JAX release host_conv.py was not checked against."""
     from jaxft.models import host_conv, layers
 
     def takes_route(size, c_in=64, c_out=64, kernel=3, stride=1, batch=16, padding=None, dtype=jnp.float32,
@@ -349,33 +347,33 @@ def test_torch_kernel_route_takes_large_maps_and_is_left_where_it_cannot_run(mon
 
     stem = {"c_in": 3, "kernel": 7, "stride": 2}
     assert takes_route(224, **stem) and takes_route(56) and takes_route(56, c_out=128, stride=2)  # resnet18
-    assert takes_route(28, 128, 128) and not takes_route(14, 256, 256) and not takes_route(7, 512, 512)
+    assert takes_route(28, 128, 128) and takes_route(14, 256, 256) and takes_route(14, 256, 512, stride=2)
+    assert not takes_route(7, 512, 512) and not takes_route(7, 512, 512, batch=64)  # at any batch
     vgg16 = ((224, 64), (112, 128), (56, 256), (28, 512), (14, 512))
     assert all(takes_route(size, c, c) for size, c in vgg16)
-    assert takes_route(64, 64, 64) and takes_route(32, 128, 128) and not takes_route(16, 256, 256)  # at 64 px
-    assert not takes_route(32, batch=32, **stem) and not takes_route(64, batch=32, **stem)
-    assert not takes_route(8, 512, 512, batch=512)  # 64 cells: not at any batch
+    assert takes_route(64, 64, 64) and takes_route(8, 256, 256) and not takes_route(8, 512, 512)  # at 64 px
+    assert takes_route(32, batch=32, **stem) and takes_route(8, batch=32) and takes_route(4, 128, 128, batch=32)
+    assert takes_route(10, 512, 512) and not takes_route(9, 512, 512)  # 10x10 cells for wider layers
     assert not takes_route(56, kernel=1) and not takes_route(56, padding=((0, 1), (0, 1)))
     assert not takes_route(56, dtype=jnp.bfloat16) and not takes_route(56, groups=2)
     monkeypatch.setenv("JAXFT_TORCH_KERNELS", "0")  # the user's way to keep every kernel XLA's
     assert not host_conv.available() and not takes_route(56)
     monkeypatch.delenv("JAXFT_TORCH_KERNELS")
     monkeypatch.setattr(host_conv, "_jax_release", lambda: (0, 4))
-    host_conv._emit_python_callback.cache_clear()
+    host_conv._registered.cache_clear()
     try:
         assert not host_conv.available() and not takes_route(56)
     finally:
         monkeypatch.undo()
-        host_conv._emit_python_callback.cache_clear()
+        host_conv._registered.cache_clear()
     assert host_conv.available()
 
 
-def test_torch_kernel_route_under_vmap_is_xlas_gradient_per_example(monkeypatch):
+def test_torch_kernel_route_under_vmap_is_xlas_gradient_per_example():
     """Per-example kernel gradients (``vmap`` over a routed Conv's gradient) are XLA's, one per
     example, and equal the route's gradient of each example alone up to float32 rounding."""
     from jaxft.models import layers
 
-    monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", 0)
     conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
     x = jax.random.normal(jax.random.key(0), (3, 1, 12, 12, 4))
     params = conv.init(jax.random.key(1), x[0])["params"]
@@ -401,20 +399,54 @@ def test_torch_kernel_route_has_gradients_of_gradients(monkeypatch):
         return (g["kernel"] ** 2).sum()
 
     results = {}
-    for floor in (0, float("inf")):
-        monkeypatch.setattr(layers, "HOST_KERNEL_GRAD_MIN_BYTES", floor)
+    for route in ("1", "0"):
+        monkeypatch.setenv("JAXFT_TORCH_KERNELS", route)
         second = jax.jit(jax.grad(penalty, argnums=(0, 1)))
-        assert calls_back(second, params, x) == (floor == 0)
-        results[floor] = second(params, x)
-    (routed_p, routed_x), (xla_p, xla_x) = results[0], results[float("inf")]
+        assert calls_back(second, params, x) == (route == "1")
+        results[route] = second(params, x)
+    (routed_p, routed_x), (xla_p, xla_x) = results["1"], results["0"]
     assert rel_l2(routed_p["kernel"], xla_p["kernel"]) <= 1e-6 and rel_l2(routed_x, xla_x) <= 1e-6
+
+
+CACHED_ROUTE_PROBE = """
+import json, jax, numpy as np
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name.rsplit("/", 1)[-1]))
+from jaxft.models import host_conv, layers
+calls = []
+kernel_grad = host_conv.torch_kernel_grad
+host_conv.torch_kernel_grad = lambda x, g, out, **kw: (calls.append(out.shape), kernel_grad(x, g, out, **kw))[1]
+conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+x = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
+params = conv.init(jax.random.key(1), x)["params"]
+def routed_grad(p, v):
+    return jax.grad(lambda p: (conv.apply({"params": p}, v) ** 2).sum())(p)
+step = jax.jit(routed_grad)
+routed = host_conv.TARGET in step.lower(params, x).as_text()
+kernel = np.asarray(step(params, x)["kernel"])
+print(json.dumps({"routed": routed, "hits": events.count("cache_hits"), "misses": events.count("cache_misses"),
+                  "calls": len(calls), "kernel": kernel.ravel().tolist()}))
+"""
+
+
+def test_a_step_through_torchs_kernel_is_kept_in_the_persistent_compilation_cache(tmp_path):
+    """The route is a custom call XLA resolves by name (host_conv.TARGET), not a Python callback,
+    so JAX writes the routed step to its persistent compilation cache. A second process loads it
+    from there, and the loaded step calls torch's kernel and computes the same gradient."""
+    env = {"JAXFT_CACHE": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    first = device_probe(CACHED_ROUTE_PROBE, **env)
+    assert first["routed"] and first["calls"] == 1 and first["hits"] == 0
+    assert list((tmp_path / "xla").glob("jit_routed_grad-*"))  # the routed step was written
+    second = device_probe(CACHED_ROUTE_PROBE, **env)
+    # every compilation of the second process, the routed step's included, was loaded
+    assert second["routed"] and second["calls"] == 1 and second["hits"] >= 1 and second["misses"] == 0
+    assert second["kernel"] == first["kernel"]
 
 
 PARTITIONED_PROBE = """
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxft.models import layers
-layers.HOST_KERNEL_GRAD_MIN_BYTES = 0
+from jaxft.models import host_conv, layers
 conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
 x = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
 params = conv.init(jax.random.key(1), x)["params"]
@@ -423,8 +455,8 @@ one = loss(params, x)
 split = jax.device_put(x, NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data")))
 text = loss.lower(params, split).as_text()
 two = loss(params, split)
-print(json.dumps({"devices": len(jax.devices()), "callback": "python_cpu_callback" in text,
-                  "single_callback": "python_cpu_callback" in loss.lower(params, x).as_text(),
+print(json.dumps({"devices": len(jax.devices()), "callback": host_conv.TARGET in text,
+                  "single_callback": host_conv.TARGET in loss.lower(params, x).as_text(),
                   "rel": float(jnp.linalg.norm(two["kernel"] - one["kernel"]) / jnp.linalg.norm(one["kernel"]))}))
 """
 
@@ -438,14 +470,19 @@ def test_torch_kernel_route_gives_way_to_xla_on_a_step_split_over_devices():
     assert found["rel"] <= 1e-5
 
 
+@pytest.mark.parametrize("torch_kernels", ["1", "0"])
 @pytest.mark.parametrize("hw,kernel,pad,cout", [((4, 4), 3, 1, 16), ((3, 4), 3, 1, 8), ((3, 3), 5, 2, 8)])
-def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel, pad, cout):
+def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel, pad, cout, torch_kernels, monkeypatch,
+                                                                     torch_kernel_calls):
     """Conv's route for strided convolutions over small maps (the input gradient as one stride-1
-    convolution per output phase): the forward pass is XLA's convolution bit for bit, the kernel
-    gradient XLA's too, and the input gradient is as close to torch float64 as torch float32 is
-    (within twice its distance, or 1e-6). Odd maps and a 5x5 kernel."""
+    convolution per output phase), with the kernel gradient by torch's kernel (the CPU's default,
+    which calls it once) or XLA's (``JAXFT_TORCH_KERNELS=0``, bit for bit): the forward pass is
+    XLA's convolution bit for bit, and the input gradient is as close to torch float64 as torch
+    float32 is (within twice its distance, or 1e-6), and the same bits either way. Odd maps and a
+    5x5 kernel."""
     from jaxft.models import layers
 
+    monkeypatch.setenv("JAXFT_TORCH_KERNELS", torch_kernels)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 8, *hw, generator=gen)
     weight = torch.randn(cout, 8, kernel, kernel, generator=gen)
@@ -467,8 +504,13 @@ def test_strided_conv_input_gradient_by_phases_matches_float64_torch(hw, kernel,
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y_xla, xla_vjp = jax.vjp(xla, params, x_nhwc)
     assert np.array_equal(np.asarray(y), np.asarray(y_xla))
-    assert np.array_equal(np.asarray(p_grad["kernel"]), np.asarray(xla_vjp(jnp.asarray(nchw_to_nhwc(cotangent)))[0]
-                                                                   ["kernel"]))
+    assert len(torch_kernel_calls) == (torch_kernels == "1")
+    if torch_kernels == "0":
+        assert np.array_equal(np.asarray(p_grad["kernel"]),
+                              np.asarray(xla_vjp(jnp.asarray(nchw_to_nhwc(cotangent)))[0]["kernel"]))
+    phases = layers._phase_input_grad(x_nhwc.shape, params["kernel"], jnp.asarray(nchw_to_nhwc(cotangent)), (2, 2),
+                                      conv.padding)
+    assert np.array_equal(np.asarray(x_grad), np.asarray(phases))
     expected, torch32 = torch_grads(torch.float64), torch_grads(torch.float32)
     for got, e, t in zip((x_grad, p_grad["kernel"]), expected, torch32):
         assert rel_l2(np.asarray(got, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))

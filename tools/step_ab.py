@@ -82,6 +82,7 @@ def main() -> None:
     runners = {}
     default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
     default_host_cells = layers.HOST_KERNEL_GRAD_MIN_CELLS
+    default_host_channels = layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP
     default_wide_bytes = layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES
     use_pointwise = layers._use_pointwise_matmul
     for text in args.variants:
@@ -89,7 +90,9 @@ def main() -> None:
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
         tap_route, tap_wide = options.pop("_tapgrad", "1") != "0", options.pop("_tapwide", "1") != "0"
-        layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells if options.pop("_hostgrad", "1") != "0" else float("inf")
+        host_route = options.pop("_hostgrad", "1") != "0"
+        layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells if host_route else float("inf")
+        layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = default_host_channels if host_route else 0
         layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes if tap_route else float("inf")
         layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes if tap_route and tap_wide else float("inf")
         layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
@@ -106,6 +109,7 @@ def main() -> None:
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
     layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells
+    layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = default_host_channels
     layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes
     layers._use_pointwise_matmul = use_pointwise
 

@@ -176,8 +176,8 @@ class Conv(nn.Module):
     * XLA:CPU has a performance cliff for kxk convolutions (k > 1) over 2x2..2x3 maps
       (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel,
       so on CPU those maps take the matmul route;
-    * the kernel gradient of a kxk convolution over a map of at least 10x10 cells (and 10 MiB
-      of operands) by torch's CPU kernel, called from the step (``_conv_host_kernel_grad``,
+    * the kernel gradient of a kxk convolution of up to 256 channels, or over a map of at least
+      10x10 cells, by torch's CPU kernel, called from the step (``_conv_host_kernel_grad``,
       ``host_conv.py``); where that route is not available, the kernel gradient of a stride-1
       kxk convolution over a large map as k*k matmuls (``_conv_tap_kernel_grad``);
     * the input gradient of a strided kxk convolution over a map of at most 4x4 as one
@@ -262,18 +262,16 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: i
     return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6
 
 
-# XLA:CPU's kernel gradient of a kxk convolution against torch's (host_conv.py), batch 16 and 32 on
-# the Intel Xeon (ms, XLA / torch): 56x56, 64 -> 64 101 / 16; 28x28, 128 -> 128 54 / 14; vgg16's
-# 224x224, 64 -> 64 3,538 / 342; the ResNet stem 129 / 30; vgg16's 64x64, 64 -> 64 at 64 px 132 / 20;
-# but 14x14, 256 -> 256 even and 7x7, 512 -> 512 16 / 28, 8x8, 512 -> 512 21 / 32, 4x4 maps 2-3x
-# slower: torch's kernel is slow for few pixels and many channels. So maps of at least 10x10 cells.
+# XLA:CPU's kernel gradient of a kxk convolution against torch's through host_conv.py's FFI target,
+# each jitted alone on the Intel Xeon (ms, XLA / torch; batch 16 unless said): 56x56, 64 -> 64
+# 102 / 14; 28x28, 128 -> 128 54 / 13; the ResNet stem at 224 px 132 / 18, at 64 px batch 32 22 / 6,
+# at 32 px batch 32 2.9 / 1.0; 16x16, 64 -> 64 at batch 32 11.9 / 2.8; 14x14, 256 -> 256 21.7 / 13.6;
+# 8x8, 256 -> 256 at batch 32 15.2 / 9.6; 4x4, 256 -> 256 at batch 32 5.0 / 3.7. But torch's kernel
+# is no faster for 512 channels over small maps: 10x10 37.3 / 37.6, 7x7 21.8 / 24.7, 4x4 at batch 32
+# 14.3 / 23.3 (20x20: 245 / 109). So every map for layers of up to 256 channels, and wider layers
+# over maps of at least 10x10 cells.
+HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = 256
 HOST_KERNEL_GRAD_MIN_CELLS = 100
-# and at least this much input map and output gradient: JAX does not keep a step that calls back
-# into Python in its persistent compilation cache, so the route must save more than a few
-# milliseconds a step to pay for compiling the step in every run (docs/decisions.md). Below it:
-# the main job's 32 px stem (2.4 MiB at batch 32), resnet's 64 px stem at batch 32 (9.5 MiB, 16 -> 3.5
-# ms) and 16x16x64 layers; above it: resnet's 28x28x128 layers at batch 16 (12 MiB, 54 -> 14 ms).
-HOST_KERNEL_GRAD_MIN_BYTES = 10 * 2**20
 
 
 def _use_host_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
@@ -281,19 +279,17 @@ def _use_host_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int,
     if (jax.default_backend() != "cpu" or not host_conv.available() or x.dtype != jnp.float32 or groups != 1
             or max(kernel_size) == 1 or isinstance(padding, str)):
         return False
-    pads = tuple(map(tuple, padding))
-    if any(low != high for low, high in pads):
+    if any(low != high for low, high in map(tuple, padding)):
         return False  # torch's convolution pads both sides alike
-    n, h, w, _ = x.shape
-    out_h, out_w = ((size + 2 * pad[0] - k) // s + 1 for size, pad, k, s in zip((h, w), pads, kernel_size, strides))
-    operand_bytes = (x.size + n * out_h * out_w * features) * x.dtype.itemsize
-    return h * w >= HOST_KERNEL_GRAD_MIN_CELLS and operand_bytes >= HOST_KERNEL_GRAD_MIN_BYTES
+    _, h, w, c_in = x.shape
+    return max(c_in, features) <= HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP or h * w >= HOST_KERNEL_GRAD_MIN_CELLS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_host_kernel_grad(x, kernel, strides, padding):
     """A convolution (NHWC, HWIO) whose kernel gradient is torch's CPU kernel
-    (``host_conv.kernel_grad``); the forward pass and the input gradient are XLA's own."""
+    (``host_conv.kernel_grad``); the forward pass and the input gradient are XLA's own (the input
+    gradient by phases where ``_use_phase_input_grad`` says so)."""
     return _strided_conv(x, kernel, strides, padding)
 
 
@@ -303,7 +299,10 @@ def _conv_host_kernel_grad_forward(x, kernel, strides, padding):
 
 def _conv_host_kernel_grad_backward(strides, padding, residuals, g):
     x, kernel = residuals
-    (dx,) = jax.vjp(lambda x: _strided_conv(x, kernel, strides, padding), x)[1](g)
+    if _use_phase_input_grad(x, kernel.shape[:2], strides, padding, 1):
+        dx = _phase_input_grad(x.shape, kernel, g, strides, padding)  # a strided one over a small map
+    else:
+        (dx,) = jax.vjp(lambda x: _strided_conv(x, kernel, strides, padding), x)[1](g)
     return dx, host_conv.kernel_grad(x, g, kernel_shape=kernel.shape, strides=strides, padding=padding)
 
 
@@ -425,9 +424,14 @@ def _conv_phase_input_grad_backward(strides, padding, residuals, g):
     x, kernel = residuals
     _, kernel_vjp = jax.vjp(lambda k: _strided_conv(x, k, strides, padding), kernel)
     (dkernel,) = kernel_vjp(g)
-    _, h, w, _ = x.shape
+    return _phase_input_grad(x.shape, kernel, g, strides, padding), dkernel
+
+
+def _phase_input_grad(x_shape: tuple[int, ...], kernel, g, strides, padding):
+    """The input gradient of a strided convolution as one stride-1 convolution per output phase."""
+    _, h, w, _ = x_shape
     (sh, sw), ((ph, _), (pw, _)) = strides, padding
-    dx = jnp.zeros(x.shape, g.dtype)
+    dx = jnp.zeros(x_shape, g.dtype)
     for p in range(sh):
         rows, row_pad = _phase_taps(h, g.shape[1], kernel.shape[0], sh, ph, p)
         for q in range(sw):
@@ -436,7 +440,7 @@ def _conv_phase_input_grad_backward(strides, padding, residuals, g):
                 continue  # no tap reaches this phase: its gradient is zero
             taps = kernel[np.ix_(rows, cols)][::-1, ::-1].swapaxes(2, 3)
             dx = dx.at[:, p::sh, q::sw, :].set(_conv_stride1(g, taps, (row_pad, col_pad)))
-    return dx, dkernel
+    return dx
 
 
 _conv_phase_input_grad.defvjp(_conv_phase_input_grad_forward, _conv_phase_input_grad_backward)
