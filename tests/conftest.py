@@ -19,18 +19,24 @@ def offline_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def torch_kernel_calls(monkeypatch):
-    """The kernel shape of every call of torch's kernel gradient (jaxft/models/host_conv.py) during
-    the test, in order: proof that the route ran, eagerly or from a compiled step."""
+    """Every call of torch's convolution kernels (jaxft/models/host_conv.py) during the test, in
+    order, as (operation, result shape), the operation one of "conv", "input_grad", "kernel_grad":
+    proof that the route ran, eagerly or from a compiled step."""
     from jaxft.models import host_conv
 
     calls = []
-    kernel_grad = host_conv.torch_kernel_grad
 
-    def recorded(x, g, out, **kwargs):
-        calls.append(out.shape)
-        return kernel_grad(x, g, out, **kwargs)
+    def recorder(operation):
+        kernel = getattr(host_conv, f"torch_{operation}")
 
-    monkeypatch.setattr(host_conv, "torch_kernel_grad", recorded)
+        def recorded(a, b, out, **kwargs):
+            calls.append((operation, out.shape))
+            return kernel(a, b, out, **kwargs)
+
+        return recorded
+
+    for operation in ("conv", "input_grad", "kernel_grad"):
+        monkeypatch.setattr(host_conv, f"torch_{operation}", recorder(operation))
     return calls
 
 

@@ -159,9 +159,10 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
 
 
 def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uninterrupted_run(env, tmp_path):
-    """`full` at 64 px and batch 64, where the stem's kernel gradient is torch's kernel called back
-    from the step (jaxft/models/host_conv.py): killed after a checkpoint and resumed, the run ends
-    where the uninterrupted run does, bit for bit (torch's kernel gives the same bits again). The
+    """`full` at 64 px and batch 64, whose kxk convolutions (the stem's among them) are torch's
+    kernels called from the step (jaxft/models/host_conv.py): killed after a checkpoint and resumed,
+    the run ends where the uninterrupted run does, bit for bit (torch's kernels give the same bits
+    again). The
     same run with every kernel XLA's (JAXFT_TORCH_KERNELS=0) ends elsewhere in its last bits,
     which shows that the CLI took the route."""
     import jax
@@ -170,7 +171,7 @@ def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uni
     from jaxft.models import layers
 
     stem_input = jax.ShapeDtypeStruct((64, 64, 64, 3), jnp.float32)  # the route this run takes
-    assert layers._use_host_kernel_grad(stem_input, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1)
+    assert layers._use_torch_conv(stem_input, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1)
     args = ["--strategy", "full", "--image-size", "64", "--batch-size", "64", "--epochs", "1", "--save-every", "4",
             "--log-every", "1", "--quiet"]
     reference = tmp_path / "reference"

@@ -16,7 +16,7 @@ xla_cpu_experimental_ynn_fusion_type: REDUCE, INDIVIDUAL_CONVOLUTION, ELTWISE, D
 matmul route for the kernel gradient: XLA's convolution everywhere, as before that route),
 ``pointwise=0`` (unpadded 1x1 convolutions as XLA's convolution, as before they became matmuls),
 ``tapwide=0`` (the tap route only for >= 128 output channels, as before it took vgg16's ``features_2``),
-``hostgrad=0`` (no kernel gradient by torch's kernel, ``layers._conv_host_kernel_grad``: as before that route).
+``hostgrad=0`` (no convolution by torch's kernels, ``layers._conv_by_torch``: as before that route).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parse_variant(text: str) -> tuple[dict, str]:
             options["_pointwise"] = value
         elif key == "tapgrad":  # tapgrad=0: Conv's kernel gradient as XLA's convolution everywhere
             options["_tapgrad"] = value
-        elif key == "hostgrad":  # hostgrad=0: no kernel gradient by torch's kernel, XLA's or the taps as before
+        elif key == "hostgrad":  # hostgrad=0: no convolution by torch's kernels, XLA's or the taps as before
             options["_hostgrad"] = value
         elif key == "tapwide":  # tapwide=0: the tap route for >= 128 output channels only, as before 2026-11-29
             options["_tapwide"] = value
@@ -81,8 +81,8 @@ def main() -> None:
              "label": rng.integers(0, 10, args.batch_size)}
     runners = {}
     default_min_bytes = layers.TAP_KERNEL_GRAD_MIN_BYTES
-    default_host_cells = layers.HOST_KERNEL_GRAD_MIN_CELLS
-    default_host_channels = layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP
+    default_torch_cells = layers.TORCH_CONV_MIN_CELLS
+    default_torch_channels = layers.TORCH_CONV_MAX_CHANNELS_ANY_MAP
     default_wide_bytes = layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES
     use_pointwise = layers._use_pointwise_matmul
     for text in args.variants:
@@ -90,9 +90,9 @@ def main() -> None:
         for module in (resnet_module, vgg_module):
             module.BatchNorm = BN_VARIANTS[bn]
         tap_route, tap_wide = options.pop("_tapgrad", "1") != "0", options.pop("_tapwide", "1") != "0"
-        host_route = options.pop("_hostgrad", "1") != "0"
-        layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells if host_route else float("inf")
-        layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = default_host_channels if host_route else 0
+        torch_route = options.pop("_hostgrad", "1") != "0"
+        layers.TORCH_CONV_MIN_CELLS = default_torch_cells if torch_route else float("inf")
+        layers.TORCH_CONV_MAX_CHANNELS_ANY_MAP = default_torch_channels if torch_route else 0
         layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes if tap_route else float("inf")
         layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes if tap_route and tap_wide else float("inf")
         layers._use_pointwise_matmul = (lambda *a: False) if options.pop("_pointwise", "1") == "0" else use_pointwise
@@ -108,8 +108,8 @@ def main() -> None:
     for module in (resnet_module, vgg_module):
         module.BatchNorm = layers.BatchNorm
     layers.TAP_KERNEL_GRAD_MIN_BYTES = default_min_bytes
-    layers.HOST_KERNEL_GRAD_MIN_CELLS = default_host_cells
-    layers.HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = default_host_channels
+    layers.TORCH_CONV_MIN_CELLS = default_torch_cells
+    layers.TORCH_CONV_MAX_CHANNELS_ANY_MAP = default_torch_channels
     layers.TAP_KERNEL_GRAD_ANY_FEATURES_MIN_BYTES = default_wide_bytes
     layers._use_pointwise_matmul = use_pointwise
 

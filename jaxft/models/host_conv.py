@@ -1,17 +1,19 @@
-"""Convolution kernel gradients on the CPU by torch's own kernel, called from the jitted step.
+"""Convolutions on the CPU by torch's own kernels, called from the jitted step.
 
-On the CPU, XLA's kernel gradient of a kxk convolution is its slowest kernel: on the Intel Xeon
-this project measured (jaxlib 0.10), resnet18's 56x56, 64 -> 64 layer at batch 16 takes 101 ms
-where this primitive takes 13 ms (torch's ``convolution_backward``, oneDNN), and it is further
-from float64 (6e-6 against 3e-7). jaxft depends on torch already (it is the weights' source and
-the numerical reference), so ``kernel_grad`` computes a convolution's kernel gradient with torch's
-kernel: a JAX primitive whose CPU lowering is an XLA FFI custom call (``python_ffi.py``) whose
-handler runs torch on XLA's own buffers, uncopied. The step names its target, so it stays in
-JAX's persistent compilation cache. Elsewhere (a GPU; a step partitioned over several devices,
-where the call would gather every operand onto each; under ``vmap``) it is XLA's own gradient,
-and so is its derivative (a JVP rule, for gradients of gradients). docs/decisions.md says why.
+On the CPU, XLA's kxk convolutions are slower than torch's (oneDNN) on this project's 2-core
+machines: its kernel gradient most of all (resnet18's 56x56, 64 -> 64 layer at batch 16: 102 ms
+against torch's 14 ms, and further from float64, 6e-6 against 3e-7), and its forward pass and
+input gradient because YNNPACK runs 64-channel convolutions on one core (24 against 12 ms, 25
+against 20 ms). jaxft depends on torch already (it is the weights' source and the numerical
+reference), so ``conv``, ``input_grad`` and ``kernel_grad`` compute a convolution, its input
+gradient and its kernel gradient with torch's kernels: JAX primitives whose CPU lowering is an XLA
+FFI custom call (``python_ffi.py``) whose handler runs torch on XLA's own buffers, uncopied. The
+step names its targets, so it stays in JAX's persistent compilation cache. Elsewhere (a GPU; a
+step partitioned over several devices, where the call would gather every operand onto each;
+under ``vmap``) each is XLA's own operation, and so are their derivatives (JVP rules, for
+gradients of gradients). docs/decisions.md says why.
 
-The handler reads XLA's FFI structures as jaxlib's ``c_api.h`` lays them out: ``available()`` is
+The handlers read XLA's FFI structures as jaxlib's ``c_api.h`` lays them out: ``available()`` is
 False on a JAX release that header was not checked for (``CHECKED_JAX``), and where the user
 turned the route off (``JAXFT_TORCH_KERNELS=0``); the layers then take the routes they had before.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 from importlib.metadata import version
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ from jaxft.models import python_ffi
 
 # JAX releases (major, minor) whose jaxlib's FFI structures (c_api.h) python_ffi.py was checked against
 CHECKED_JAX = {(0, 10)}
-TARGET = "jaxft_torch_conv_kernel_grad"
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _jax_release() -> Optional[tuple[int, int]]:
@@ -45,104 +47,172 @@ def _jax_release() -> Optional[tuple[int, int]]:
         return None
 
 
-@functools.cache
-def _registered() -> bool:
-    """Whether torch's kernel is registered as the FFI target ``TARGET`` (on a checked JAX)."""
-    if _jax_release() not in CHECKED_JAX:
-        return False
-    python_ffi.register_cpu_target(TARGET, _ffi_kernel)
-    return True
-
-
 def available() -> bool:
-    """Whether ``kernel_grad`` can call torch's kernel: on a checked JAX release, unless the user
-    set ``JAXFT_TORCH_KERNELS=0`` (every kernel XLA's). Else the layers take the routes they had
-    before."""
+    """Whether the primitives here can call torch's kernels: on a checked JAX release, unless the
+    user set ``JAXFT_TORCH_KERNELS=0`` (every kernel XLA's). Else the layers take the routes they
+    had before."""
     return os.environ.get("JAXFT_TORCH_KERNELS", "1") != "0" and _registered()
 
 
-def _xla_kernel_grad(x, g, *, kernel_shape, strides, padding):
-    """XLA's own kernel gradient: the lowering off the CPU and where torch cannot serve."""
-    def conv(kernel):
-        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+# XLA's own operations: the lowering off the CPU and wherever torch cannot serve, and the derivatives
 
+def _xla_conv(x, kernel, *, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSIONS)
+
+
+def _xla_input_grad(g, kernel, *, input_shape, strides, padding):
+    conv = functools.partial(_xla_conv, kernel=kernel, strides=strides, padding=padding)
+    return jax.vjp(conv, jnp.zeros(input_shape, g.dtype))[1](g)[0]
+
+
+def _xla_kernel_grad(x, g, *, kernel_shape, strides, padding):
+    conv = functools.partial(_xla_conv, x, strides=strides, padding=padding)
     return jax.vjp(conv, jnp.zeros(kernel_shape, x.dtype))[1](g)[0]
 
 
-def torch_kernel_grad(x: np.ndarray, g: np.ndarray, out: np.ndarray, *, strides, padding) -> None:
-    """Write into ``out`` (HWIO) the kernel gradient of an NHWC convolution with symmetric
-    ``padding`` ((p, p), (q, q)) by ``torch.ops.aten.convolution_backward``, on views of the arrays
-    (NHWC seen as channels-last NCHW, which oneDNN takes as it is). The kernel's values are not
-    needed: torch gets an uninitialised tensor of its shape."""
+# torch's kernels, writing into ``out``. NHWC arrays are seen as channels-last NCHW tensors and HWIO
+# kernels as OIHW ones, which oneDNN takes as they are; padding is symmetric ((p, p), (q, q)).
+
+def _nchw(a):
     import torch
 
-    kh, kw, c_in, c_out = out.shape
-    _, d_kernel, _ = torch.ops.aten.convolution_backward(
-        torch.from_numpy(g).permute(0, 3, 1, 2), torch.from_numpy(x).permute(0, 3, 1, 2),
-        torch.empty((c_out, c_in, kh, kw), dtype=torch.from_numpy(out).dtype), None, list(strides),
-        [p[0] for p in padding], [1, 1], False, [0, 0], 1, [False, True, False])
-    torch.from_numpy(out).copy_(d_kernel.permute(2, 3, 1, 0))
+    return torch.from_numpy(a).permute(0, 3, 1, 2)
 
 
-def _ffi_kernel(inputs, outputs, attributes) -> None:
-    """The FFI target's handler: (x, g) -> the kernel gradient, geometry as (sh, sw, ph, pw)."""
-    sh, sw, ph, pw = (int(v) for v in attributes["geometry"])
-    torch_kernel_grad(*inputs, *outputs, strides=(sh, sw), padding=((ph, ph), (pw, pw)))
+def _oihw(kernel):
+    import torch
+
+    return torch.from_numpy(kernel).permute(3, 2, 0, 1)
 
 
-kernel_grad_p = Primitive("jaxft_conv_kernel_grad")
+def _backward(g, x, kernel, strides, padding, mask):
+    import torch
+
+    return torch.ops.aten.convolution_backward(g, x, kernel, None, list(strides), [p[0] for p in padding], [1, 1],
+                                               False, [0, 0], 1, mask)
 
 
-def _abstract(x, g, *, kernel_shape, strides, padding):
-    return jax.core.ShapedArray(kernel_shape, x.dtype)
+def torch_conv(x: np.ndarray, kernel: np.ndarray, out: np.ndarray, *, strides, padding) -> None:
+    """``out`` = the NHWC convolution of ``x`` with the HWIO ``kernel`` by
+    ``torch.ops.aten.convolution``."""
+    import torch
+
+    y = torch.ops.aten.convolution(_nchw(x), _oihw(kernel), None, list(strides), [p[0] for p in padding], [1, 1],
+                                   False, [0, 0], 1)
+    _nchw(out).copy_(y)
 
 
-def _eager(x, g, *, kernel_shape, strides, padding):
-    if jax.default_backend() == "cpu" and available():
-        out = np.empty(kernel_shape, np.dtype(x.dtype))
-        # torch reads the operands and does not write them; numpy views of JAX arrays are read-only
-        x, g = (np.array(a) for a in (x, g))
-        torch_kernel_grad(x, g, out, strides=strides, padding=padding)
-        return jnp.asarray(out)
-    return _xla_kernel_grad(x, g, kernel_shape=kernel_shape, strides=strides, padding=padding)
+def torch_input_grad(g: np.ndarray, kernel: np.ndarray, out: np.ndarray, *, strides, padding) -> None:
+    """``out`` = the input gradient (NHWC) for the output gradient ``g``, by
+    ``torch.ops.aten.convolution_backward``; the input's values are not needed, only its shape,
+    which ``out`` gives."""
+    d_input, _, _ = _backward(_nchw(g), _nchw(out), _oihw(kernel), strides, padding, [True, False, False])
+    _nchw(out).copy_(d_input)
 
 
-def _batched(args, dims, **params):
-    """Under ``vmap`` (per-example gradients, say), XLA's gradient for each."""
-    return jax.vmap(functools.partial(_xla_kernel_grad, **params), in_axes=dims)(*args), 0
-
-
-def _jvp(primals, tangents, **params):
-    """The kernel gradient is bilinear in (x, g); its derivative is XLA's (gradients of gradients)."""
-    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
-    _, tangent = jax.jvp(functools.partial(_xla_kernel_grad, **params), tuple(primals), tangents)
-    return kernel_grad_p.bind(*primals, **params), tangent
+def torch_kernel_grad(x: np.ndarray, g: np.ndarray, out: np.ndarray, *, strides, padding) -> None:
+    """``out`` = the HWIO kernel gradient for the input ``x`` and output gradient ``g``, by
+    ``torch.ops.aten.convolution_backward``; the kernel's values are not needed, only its shape,
+    which ``out`` gives."""
+    _, d_kernel, _ = _backward(_nchw(g), _nchw(x), _oihw(out), strides, padding, [False, True, False])
+    _oihw(out).copy_(d_kernel)
 
 
 def _partitioned(ctx) -> bool:
-    """Whether the step is partitioned over several devices (a callback would run on one)."""
+    """Whether the step is partitioned over several devices (a custom call would run on each with
+    every operand gathered)."""
     context = ctx.module_context.axis_context
     return getattr(getattr(context, "mesh", None), "size", 1) > 1 or getattr(context, "num_devices", 1) > 1
 
 
-def _cpu_lowering(ctx, x, g, *, kernel_shape, strides, padding):
-    if not available() or _partitioned(ctx):
-        xla = functools.partial(_xla_kernel_grad, kernel_shape=kernel_shape, strides=strides, padding=padding)
-        return mlir.lower_fun(xla, multiple_results=False)(ctx, x, g)
-    geometry = np.array([*strides, padding[0][0], padding[1][0]], np.int64)
-    return jax.ffi.ffi_lowering(TARGET)(ctx, x, g, geometry=geometry)
+class _TorchOp:
+    """A JAX primitive of two operands computed by the torch kernel ``torch_name`` (a function of
+    this module, looked up at each call) on the CPU, and by ``xla`` elsewhere and for its
+    derivatives. ``shape_param`` names the parameter that gives the result's shape (None: the
+    convolution's output shape)."""
+
+    def __init__(self, name: str, torch_name: str, xla: Callable, shape_param: Optional[str]):
+        self.primitive, self.target, self.torch_name = Primitive(name), f"jaxft_torch_{name}", torch_name
+        self.xla, self.shape_param = xla, shape_param
+        p = self.primitive
+        p.def_abstract_eval(self._abstract)
+        p.def_impl(self._eager)
+        batching.primitive_batchers[p] = self._batched
+        ad.primitive_jvps[p] = self._jvp
+        mlir.register_lowering(p, mlir.lower_fun(self.xla, multiple_results=False))
+        mlir.register_lowering(p, self._cpu_lowering, platform="cpu")
+
+    def _abstract(self, a, b, **params):
+        if self.shape_param:
+            return jax.core.ShapedArray(params[self.shape_param], a.dtype)
+        shape = jax.eval_shape(functools.partial(self.xla, **params), a, b)
+        return jax.core.ShapedArray(shape.shape, shape.dtype)
+
+    def _torch(self, inputs, outputs, strides, padding) -> None:
+        globals()[self.torch_name](*inputs, *outputs, strides=strides, padding=padding)
+
+    def _eager(self, a, b, **params):
+        if jax.default_backend() == "cpu" and available():
+            aval = self._abstract(a, b, **params)
+            out = np.empty(aval.shape, np.dtype(aval.dtype))
+            # torch reads the operands and does not write them; numpy views of JAX arrays are read-only
+            self._torch([np.array(a), np.array(b)], [out], params["strides"], params["padding"])
+            return jnp.asarray(out)
+        return self.xla(a, b, **params)
+
+    def _batched(self, args, dims, **params):
+        """Under ``vmap`` (per-example gradients, say), XLA's operation for each."""
+        return jax.vmap(functools.partial(self.xla, **params), in_axes=dims)(*args), 0
+
+    def _jvp(self, primals, tangents, **params):
+        """Each operation is bilinear in its operands; its derivative is XLA's (gradients of gradients)."""
+        tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+        _, tangent = jax.jvp(functools.partial(self.xla, **params), tuple(primals), tangents)
+        return self.primitive.bind(*primals, **params), tangent
+
+    def _handle(self, inputs, outputs, attributes) -> None:
+        sh, sw, ph, pw = (int(v) for v in attributes["geometry"])
+        self._torch(inputs, outputs, (sh, sw), ((ph, ph), (pw, pw)))
+
+    def _cpu_lowering(self, ctx, a, b, **params):
+        if not available() or _partitioned(ctx):
+            return mlir.lower_fun(functools.partial(self.xla, **params), multiple_results=False)(ctx, a, b)
+        strides, padding = params["strides"], params["padding"]
+        geometry = np.array([*strides, padding[0][0], padding[1][0]], np.int64)
+        return jax.ffi.ffi_lowering(self.target)(ctx, a, b, geometry=geometry)
+
+    def bind(self, a, b, *, strides, padding, **shape):
+        return self.primitive.bind(a, b, strides=tuple(strides), padding=tuple(map(tuple, padding)),
+                                   **{k: tuple(v) for k, v in shape.items()})
 
 
-kernel_grad_p.def_abstract_eval(_abstract)
-kernel_grad_p.def_impl(_eager)
-batching.primitive_batchers[kernel_grad_p] = _batched
-ad.primitive_jvps[kernel_grad_p] = _jvp
-mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_xla_kernel_grad, multiple_results=False))
-mlir.register_lowering(kernel_grad_p, _cpu_lowering, platform="cpu")
+_CONV = _TorchOp("conv", "torch_conv", _xla_conv, None)
+_INPUT_GRAD = _TorchOp("conv_input_grad", "torch_input_grad", _xla_input_grad, "input_shape")
+_KERNEL_GRAD = _TorchOp("conv_kernel_grad", "torch_kernel_grad", _xla_kernel_grad, "kernel_shape")
+TARGETS = tuple(op.target for op in (_CONV, _INPUT_GRAD, _KERNEL_GRAD))
+
+
+@functools.cache
+def _registered() -> bool:
+    """Whether torch's kernels are registered as FFI targets (on a checked JAX release)."""
+    if _jax_release() not in CHECKED_JAX:
+        return False
+    for op in (_CONV, _INPUT_GRAD, _KERNEL_GRAD):
+        python_ffi.register_cpu_target(op.target, op._handle)
+    return True
+
+
+def conv(x, kernel, *, strides, padding):
+    """``conv(x, kernel)`` (NHWC, HWIO, symmetric padding): torch's kernel on the CPU where
+    ``available()``, else XLA's."""
+    return _CONV.bind(x, kernel, strides=strides, padding=padding)
+
+
+def input_grad(g, kernel, *, input_shape, strides, padding):
+    """The input gradient of ``conv(x, kernel)`` for the output gradient ``g``."""
+    return _INPUT_GRAD.bind(g, kernel, strides=strides, padding=padding, input_shape=input_shape)
 
 
 def kernel_grad(x, g, *, kernel_shape, strides, padding):
-    """The kernel gradient of ``conv(x, kernel)`` (NHWC, HWIO, symmetric padding) for the output
-    gradient ``g``: torch's kernel on the CPU where ``available()``, else XLA's."""
-    return kernel_grad_p.bind(x, g, kernel_shape=tuple(kernel_shape), strides=tuple(strides),
-                              padding=tuple(map(tuple, padding)))
+    """The kernel gradient of ``conv(x, kernel)`` for the output gradient ``g``."""
+    return _KERNEL_GRAD.bind(x, g, strides=strides, padding=padding, kernel_shape=kernel_shape)

@@ -176,10 +176,11 @@ class Conv(nn.Module):
     * XLA:CPU has a performance cliff for kxk convolutions (k > 1) over 2x2..2x3 maps
       (what layer4 sees at 64 px): 3-30x slower than the same product as patches @ kernel,
       so on CPU those maps take the matmul route;
-    * the kernel gradient of a kxk convolution of up to 256 channels, or over a map of at least
-      10x10 cells, by torch's CPU kernel, called from the step (``_conv_host_kernel_grad``,
-      ``host_conv.py``); where that route is not available, the kernel gradient of a stride-1
-      kxk convolution over a large map as k*k matmuls (``_conv_tap_kernel_grad``);
+    * a kxk convolution of up to 256 channels, or over a map of at least 10x10 cells, with at
+      least 10 MiB of input and output maps, by torch's CPU kernels, forward pass and gradients,
+      called from the step (``_conv_by_torch``, ``host_conv.py``); where that route is not
+      available, the kernel gradient of a stride-1 kxk convolution over a large map as k*k
+      matmuls (``_conv_tap_kernel_grad``);
     * the input gradient of a strided kxk convolution over a map of at most 4x4 as one
       stride-1 convolution per output phase (``_conv_phase_input_grad``).
     """
@@ -214,9 +215,9 @@ class Conv(nn.Module):
                                                            dimension_numbers=dims)
             # patches' features are ordered (in_channel, kh, kw)
             y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
-        elif _use_host_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
-                                   self.feature_group_count):
-            y = _conv_host_kernel_grad(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
+        elif _use_torch_conv(x, self.features, self.kernel_size, self.strides, self.padding,
+                             self.feature_group_count):
+            y = _conv_by_torch(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
         elif _use_tap_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
                                   self.feature_group_count):
             y = _conv_tap_kernel_grad(x, kernel, tuple(map(tuple, self.padding)))
@@ -262,54 +263,67 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: i
     return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6
 
 
-# XLA:CPU's kernel gradient of a kxk convolution against torch's through host_conv.py's FFI target,
-# each jitted alone on the Intel Xeon (ms, XLA / torch; batch 16 unless said): 56x56, 64 -> 64
+# XLA:CPU's kxk convolutions against torch's through host_conv.py's FFI targets, each jitted alone
+# on the Intel Xeon (ms, XLA / torch; batch 16 unless said). Kernel gradients: 56x56, 64 -> 64
 # 102 / 14; 28x28, 128 -> 128 54 / 13; the ResNet stem at 224 px 132 / 18, at 64 px batch 32 22 / 6,
 # at 32 px batch 32 2.9 / 1.0; 16x16, 64 -> 64 at batch 32 11.9 / 2.8; 14x14, 256 -> 256 21.7 / 13.6;
-# 8x8, 256 -> 256 at batch 32 15.2 / 9.6; 4x4, 256 -> 256 at batch 32 5.0 / 3.7. But torch's kernel
-# is no faster for 512 channels over small maps: 10x10 37.3 / 37.6, 7x7 21.8 / 24.7, 4x4 at batch 32
-# 14.3 / 23.3 (20x20: 245 / 109). So every map for layers of up to 256 channels, and wider layers
-# over maps of at least 10x10 cells.
-HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP = 256
-HOST_KERNEL_GRAD_MIN_CELLS = 100
+# 8x8, 256 -> 256 at batch 32 15.2 / 9.6; 4x4, 256 -> 256 at batch 32 5.0 / 3.7. Forward passes and
+# input gradients (YNN runs 64-channel ones on one core): 56x56, 64 -> 64 24 / 12 and 25 / 20; the
+# stem 47 / 39 (no input gradient); 56x56, 64 -> 128 / 2 16 / 8 and 12 / 8; 28x28, 128 -> 128 and
+# 14x14, 256 -> 256 13 / 12 both; vgg16's 224x224, 64 -> 64 349 / 297 and 346 / 294. But torch's
+# kernels are no faster for 512 channels over small maps: kernel gradients over 10x10 37.3 / 37.6,
+# 7x7 21.8 / 24.7, 4x4 at batch 32 14.3 / 23.3 (20x20: 245 / 109). So every map for layers of up to
+# 256 channels, and wider layers over maps of at least 10x10 cells (docs/benchmarks.md).
+TORCH_CONV_MAX_CHANNELS_ANY_MAP = 256
+TORCH_CONV_MIN_CELLS = 100
+# and at least this much input map and output: below it a whole step gains little in the training
+# loop (resnet18 `full` at 64 px, batch 32, stem 9.5 MiB and 16x16x64 layers 4 MiB: the end-to-end
+# job's epochs 39.1 / 37.6 s with XLA's kernels against 43.0 / 38.5 s with torch's kernel gradients),
+# and a process whose steps call torch imports it (about 470 MiB resident for torch's CUDA build):
+# the README's main job (32 px) and the 64 px end-to-end jobs stay off the route and do not import
+# torch.
+TORCH_CONV_MIN_BYTES = 10 * 2**20
 
 
-def _use_host_kernel_grad(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
-                          padding: Any, groups: int) -> bool:
+def _use_torch_conv(x: jnp.ndarray, features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
+                    padding: Any, groups: int) -> bool:
     if (jax.default_backend() != "cpu" or not host_conv.available() or x.dtype != jnp.float32 or groups != 1
             or max(kernel_size) == 1 or isinstance(padding, str)):
         return False
     if any(low != high for low, high in map(tuple, padding)):
         return False  # torch's convolution pads both sides alike
-    _, h, w, c_in = x.shape
-    return max(c_in, features) <= HOST_KERNEL_GRAD_MAX_CHANNELS_ANY_MAP or h * w >= HOST_KERNEL_GRAD_MIN_CELLS
+    n, h, w, c_in = x.shape
+    pads = tuple(map(tuple, padding))
+    out_h, out_w = ((size + 2 * pad[0] - k) // s + 1 for size, pad, k, s in zip((h, w), pads, kernel_size, strides))
+    if (x.size + n * out_h * out_w * features) * x.dtype.itemsize < TORCH_CONV_MIN_BYTES:
+        return False
+    return max(c_in, features) <= TORCH_CONV_MAX_CHANNELS_ANY_MAP or h * w >= TORCH_CONV_MIN_CELLS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_host_kernel_grad(x, kernel, strides, padding):
-    """A convolution (NHWC, HWIO) whose kernel gradient is torch's CPU kernel
-    (``host_conv.kernel_grad``); the forward pass and the input gradient are XLA's own (the input
-    gradient by phases where ``_use_phase_input_grad`` says so)."""
-    return _strided_conv(x, kernel, strides, padding)
+def _conv_by_torch(x, kernel, strides, padding):
+    """A convolution (NHWC, HWIO) by torch's CPU kernels (``host_conv``): the forward pass, the
+    input gradient (by phases where ``_use_phase_input_grad`` says so) and the kernel gradient."""
+    return host_conv.conv(x, kernel, strides=strides, padding=padding)
 
 
-def _conv_host_kernel_grad_forward(x, kernel, strides, padding):
-    return _strided_conv(x, kernel, strides, padding), (x, kernel)
+def _conv_by_torch_forward(x, kernel, strides, padding):
+    return host_conv.conv(x, kernel, strides=strides, padding=padding), (x, kernel)
 
 
-def _conv_host_kernel_grad_backward(strides, padding, residuals, g):
+def _conv_by_torch_backward(strides, padding, residuals, g):
     x, kernel = residuals
     if _use_phase_input_grad(x, kernel.shape[:2], strides, padding, 1):
         dx = _phase_input_grad(x.shape, kernel, g, strides, padding)  # a strided one over a small map
     else:
-        (dx,) = jax.vjp(lambda x: _strided_conv(x, kernel, strides, padding), x)[1](g)
+        dx = host_conv.input_grad(g, kernel, input_shape=x.shape, strides=strides, padding=padding)
     return dx, host_conv.kernel_grad(x, g, kernel_shape=kernel.shape, strides=strides, padding=padding)
 
 
-_conv_host_kernel_grad.defvjp(_conv_host_kernel_grad_forward, _conv_host_kernel_grad_backward)
+_conv_by_torch.defvjp(_conv_by_torch_forward, _conv_by_torch_backward)
 
 
-# Where the host route is not taken (JAXFT_TORCH_KERNELS=0, a JAX release host_conv.py was not
+# Where the torch route is not taken (JAXFT_TORCH_KERNELS=0, a JAX release host_conv.py was not
 # checked against, asymmetric padding):
 # XLA:CPU (jaxlib 0.10) runs convolutions as YNNPACK fusions by default, and its kernel gradient of
 # a stride-1 kxk convolution over large maps is 2-4x slower than the same sums as k*k matmuls (the
