@@ -467,9 +467,9 @@ print(json.dumps({"devices": len(jax.devices()), "callback": any(t in text for t
 
 
 def test_torch_kernel_route_gives_way_to_xla_on_a_step_split_over_devices():
-    """A step partitioned over several CPU devices would gather every operand of a host callback
-    onto one of them: there the primitive lowers to XLA's own kernel gradient (same values within
-    float32 rounding), and on one device to the callback."""
+    """A step partitioned over several CPU devices would gather every operand of torch's custom
+    calls onto each of them: there the primitives lower to XLA's own operations (the same kernel
+    gradient within float32 rounding), and on one device to the custom calls."""
     found = device_probe(PARTITIONED_PROBE, timeout=300, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert found["devices"] == 2 and found["single_callback"] and not found["callback"]
     assert found["rel"] <= 1e-5

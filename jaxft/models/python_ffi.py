@@ -151,7 +151,7 @@ def _handler(name: str, kernel: Kernel):
             outputs = [_view(frame.rets.items[i].contents) for i in range(frame.rets.size)]
             kernel(inputs, outputs, _attributes(frame.attrs))
             return None
-        except BaseException as error:  # noqa: BLE001 - XLA must get the error, not a torn-down frame
+        except BaseException as error:  # noqa: BLE001 - no Python exception may cross into XLA's C frames
             message = f"{name}: {type(error).__name__}: {error}".encode()
             args = _ErrorCreateArgs(c.sizeof(_ErrorCreateArgs), None, message, _INTERNAL)
             return frame.api.contents.error_create(c.byref(args))
