@@ -411,6 +411,28 @@ def test_torch_kernel_route_has_gradients_of_gradients(monkeypatch):
     assert rel_l2(routed_p["kernel"], xla_p["kernel"]) <= 1e-6 and rel_l2(routed_x, xla_x) <= 1e-6
 
 
+def test_an_error_inside_torchs_kernel_reaches_python_and_the_next_step_runs(monkeypatch):
+    """An exception raised inside a handler (python_ffi.py) cannot cross XLA's C frames: it comes
+    back as the step's error, naming the target and the exception, and the process goes on."""
+    from jaxft.models import host_conv, layers
+
+    monkeypatch.setattr(layers, "TORCH_CONV_MIN_BYTES", 0)
+    conv = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+    x = jnp.ones((2, 12, 12, 4))
+    variables = conv.init(jax.random.key(0), x)
+    step = jax.jit(lambda v, x: conv.apply(v, x))
+    expected = step(variables, x)
+
+    def broken(*args, **kwargs):
+        raise ValueError("a shape torch refused")
+
+    monkeypatch.setattr(host_conv, "torch_conv", broken)
+    with pytest.raises(Exception, match="jaxft_torch_conv: ValueError: a shape torch refused"):
+        jax.block_until_ready(step(variables, x))
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(step(variables, x)), np.asarray(expected))
+
+
 CACHED_ROUTE_PROBE = """
 import json, jax, numpy as np
 events = []
