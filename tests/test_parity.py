@@ -421,7 +421,7 @@ def test_an_error_inside_torchs_kernel_reaches_python_and_the_next_step_runs(mon
     x = jnp.ones((2, 12, 12, 4))
     variables = conv.init(jax.random.key(0), x)
     step = jax.jit(lambda v, x: conv.apply(v, x))
-    expected = step(variables, x)
+    expected = jax.block_until_ready(step(variables, x))  # run before torch_conv breaks: calls are asynchronous
 
     def broken(*args, **kwargs):
         raise ValueError("a shape torch refused")

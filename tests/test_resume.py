@@ -159,12 +159,12 @@ def test_a_finished_run_extended_by_epochs_equals_a_longer_run(env, tmp_path):
 
 
 def test_full_through_torchs_kernel_gradients_killed_and_resumed_matches_the_uninterrupted_run(env, tmp_path):
-    """`full` at 64 px and batch 64, whose kxk convolutions (the stem's among them) are torch's
-    kernels called from the step (jaxft/models/host_conv.py): killed after a checkpoint and resumed,
-    the run ends where the uninterrupted run does, bit for bit (torch's kernels give the same bits
-    again). The
-    same run with every kernel XLA's (JAXFT_TORCH_KERNELS=0) ends elsewhere in its last bits,
-    which shows that the CLI took the route."""
+    """`full` at 64 px and batch 64, whose stem (the one layer over the route's floor there) is
+    computed by torch's kernels called from the step (jaxft/models/host_conv.py): killed after a
+    checkpoint and resumed, the run ends where the uninterrupted run does, bit for bit (torch's
+    kernels give the same bits again). The same run with every kernel XLA's
+    (JAXFT_TORCH_KERNELS=0) ends elsewhere in its last bits, which shows that the CLI took the
+    route."""
     import jax
     import jax.numpy as jnp
 

@@ -91,7 +91,8 @@ class _CallFrame(c.Structure):
 _CALL_FRAME_SIZE = _CallFrame.attrs.offset + c.sizeof(_Attrs)
 _BUFFER_SIZE = c.sizeof(_Buffer)
 _DTYPES = {11: np.float32, 12: np.float64}  # XLA_FFI_DataType_F32, _F64: what the handlers here take
-# The FFI API version the handlers declare (XLA_FFI_API_MAJOR, _MINOR of the c_api.h checked)
+# The FFI API version the handlers declare to XLA: the checked c_api.h's major (XLA_FFI_API_MAJOR 0)
+# and an older minor of it (the header is at 0.3), which jaxlib 0.10 accepts
 _API_VERSION = (0, 1)
 
 # Kernel = Callable[[inputs, outputs, attributes], None]: numpy views of XLA's buffers, the outputs to
