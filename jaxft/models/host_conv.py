@@ -54,20 +54,29 @@ def available() -> bool:
     return os.environ.get("JAXFT_TORCH_KERNELS", "1") != "0" and _registered()
 
 
-# XLA's own operations: the lowering off the CPU and wherever torch cannot serve, and the derivatives
+def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
+    """The NHWC shape of ``conv(x, kernel)`` (HWIO kernel, padding ((top, bottom), (left, right)))."""
+    n, h, w, _ = x_shape
+    kh, kw, _, c_out = kernel_shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, c_out
 
-def _xla_conv(x, kernel, *, strides, padding):
+
+# XLA's own operations, each giving a result of shape ``out_shape``: the lowering off the CPU and
+# wherever torch cannot serve, and the derivatives
+
+def _xla_conv(x, kernel, *, out_shape, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSIONS)
 
 
-def _xla_input_grad(g, kernel, *, input_shape, strides, padding):
-    conv = functools.partial(_xla_conv, kernel=kernel, strides=strides, padding=padding)
-    return jax.vjp(conv, jnp.zeros(input_shape, g.dtype))[1](g)[0]
+def _xla_input_grad(g, kernel, *, out_shape, strides, padding):
+    conv = functools.partial(_xla_conv, kernel=kernel, out_shape=g.shape, strides=strides, padding=padding)
+    return jax.vjp(conv, jnp.zeros(out_shape, g.dtype))[1](g)[0]
 
 
-def _xla_kernel_grad(x, g, *, kernel_shape, strides, padding):
-    conv = functools.partial(_xla_conv, x, strides=strides, padding=padding)
-    return jax.vjp(conv, jnp.zeros(kernel_shape, x.dtype))[1](g)[0]
+def _xla_kernel_grad(x, g, *, out_shape, strides, padding):
+    conv = functools.partial(_xla_conv, x, out_shape=g.shape, strides=strides, padding=padding)
+    return jax.vjp(conv, jnp.zeros(out_shape, x.dtype))[1](g)[0]
 
 
 # torch's kernels, writing into ``out``. NHWC arrays are seen as channels-last NCHW tensors and HWIO
@@ -126,14 +135,12 @@ def _partitioned(ctx) -> bool:
 
 
 class _TorchOp:
-    """A JAX primitive of two operands computed by the torch kernel ``torch_name`` (a function of
-    this module, looked up at each call) on the CPU, and by ``xla`` elsewhere and for its
-    derivatives. ``shape_param`` names the parameter that gives the result's shape (None: the
-    convolution's output shape)."""
+    """A JAX primitive of two operands and a result of shape ``out_shape``, computed by the torch
+    kernel ``torch_name`` (a function of this module, looked up at each call) on the CPU, and by
+    ``xla`` elsewhere and for its derivatives."""
 
-    def __init__(self, name: str, torch_name: str, xla: Callable, shape_param: Optional[str]):
-        self.primitive, self.target, self.torch_name = Primitive(name), f"jaxft_torch_{name}", torch_name
-        self.xla, self.shape_param = xla, shape_param
+    def __init__(self, name: str, torch_name: str, xla: Callable):
+        self.primitive, self.target, self.torch_name, self.xla = Primitive(name), f"jaxft_torch_{name}", torch_name, xla
         p = self.primitive
         p.def_abstract_eval(self._abstract)
         p.def_impl(self._eager)
@@ -142,19 +149,15 @@ class _TorchOp:
         mlir.register_lowering(p, mlir.lower_fun(self.xla, multiple_results=False))
         mlir.register_lowering(p, self._cpu_lowering, platform="cpu")
 
-    def _abstract(self, a, b, **params):
-        if self.shape_param:
-            return jax.core.ShapedArray(params[self.shape_param], a.dtype)
-        shape = jax.eval_shape(functools.partial(self.xla, **params), a, b)
-        return jax.core.ShapedArray(shape.shape, shape.dtype)
+    def _abstract(self, a, b, *, out_shape, **params):
+        return jax.core.ShapedArray(out_shape, a.dtype)
 
     def _torch(self, inputs, outputs, strides, padding) -> None:
         globals()[self.torch_name](*inputs, *outputs, strides=strides, padding=padding)
 
     def _eager(self, a, b, **params):
         if jax.default_backend() == "cpu" and available():
-            aval = self._abstract(a, b, **params)
-            out = np.empty(aval.shape, np.dtype(aval.dtype))
+            out = np.empty(params["out_shape"], np.dtype(a.dtype))
             # torch reads the operands and does not write them; numpy views of JAX arrays are read-only
             self._torch([np.array(a), np.array(b)], [out], params["strides"], params["padding"])
             return jnp.asarray(out)
@@ -181,14 +184,14 @@ class _TorchOp:
         geometry = np.array([*strides, padding[0][0], padding[1][0]], np.int64)
         return jax.ffi.ffi_lowering(self.target)(ctx, a, b, geometry=geometry)
 
-    def bind(self, a, b, *, strides, padding, **shape):
-        return self.primitive.bind(a, b, strides=tuple(strides), padding=tuple(map(tuple, padding)),
-                                   **{k: tuple(v) for k, v in shape.items()})
+    def bind(self, a, b, *, out_shape, strides, padding):
+        return self.primitive.bind(a, b, out_shape=tuple(out_shape), strides=tuple(strides),
+                                   padding=tuple(map(tuple, padding)))
 
 
-_CONV = _TorchOp("conv", "torch_conv", _xla_conv, None)
-_INPUT_GRAD = _TorchOp("conv_input_grad", "torch_input_grad", _xla_input_grad, "input_shape")
-_KERNEL_GRAD = _TorchOp("conv_kernel_grad", "torch_kernel_grad", _xla_kernel_grad, "kernel_shape")
+_CONV = _TorchOp("conv", "torch_conv", _xla_conv)
+_INPUT_GRAD = _TorchOp("conv_input_grad", "torch_input_grad", _xla_input_grad)
+_KERNEL_GRAD = _TorchOp("conv_kernel_grad", "torch_kernel_grad", _xla_kernel_grad)
 TARGETS = tuple(op.target for op in (_CONV, _INPUT_GRAD, _KERNEL_GRAD))
 
 
@@ -205,14 +208,15 @@ def _registered() -> bool:
 def conv(x, kernel, *, strides, padding):
     """``conv(x, kernel)`` (NHWC, HWIO, symmetric padding): torch's kernel on the CPU where
     ``available()``, else XLA's."""
-    return _CONV.bind(x, kernel, strides=strides, padding=padding)
+    return _CONV.bind(x, kernel, out_shape=output_shape(x.shape, kernel.shape, strides, padding), strides=strides,
+                      padding=padding)
 
 
 def input_grad(g, kernel, *, input_shape, strides, padding):
     """The input gradient of ``conv(x, kernel)`` for the output gradient ``g``."""
-    return _INPUT_GRAD.bind(g, kernel, strides=strides, padding=padding, input_shape=input_shape)
+    return _INPUT_GRAD.bind(g, kernel, out_shape=input_shape, strides=strides, padding=padding)
 
 
 def kernel_grad(x, g, *, kernel_shape, strides, padding):
     """The kernel gradient of ``conv(x, kernel)`` for the output gradient ``g``."""
-    return _KERNEL_GRAD.bind(x, g, strides=strides, padding=padding, kernel_shape=kernel_shape)
+    return _KERNEL_GRAD.bind(x, g, out_shape=kernel_shape, strides=strides, padding=padding)

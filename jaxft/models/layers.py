@@ -290,12 +290,12 @@ def _use_torch_conv(x: jnp.ndarray, features: int, kernel_size: tuple[int, int],
     if (jax.default_backend() != "cpu" or not host_conv.available() or x.dtype != jnp.float32 or groups != 1
             or max(kernel_size) == 1 or isinstance(padding, str)):
         return False
-    if any(low != high for low, high in map(tuple, padding)):
-        return False  # torch's convolution pads both sides alike
-    n, h, w, c_in = x.shape
     pads = tuple(map(tuple, padding))
-    out_h, out_w = ((size + 2 * pad[0] - k) // s + 1 for size, pad, k, s in zip((h, w), pads, kernel_size, strides))
-    if (x.size + n * out_h * out_w * features) * x.dtype.itemsize < TORCH_CONV_MIN_BYTES:
+    if any(low != high for low, high in pads):
+        return False  # torch's convolution pads both sides alike
+    _, h, w, c_in = x.shape
+    y_shape = host_conv.output_shape(x.shape, (*kernel_size, c_in, features), strides, pads)
+    if (x.size + math.prod(y_shape)) * x.dtype.itemsize < TORCH_CONV_MIN_BYTES:
         return False
     return max(c_in, features) <= TORCH_CONV_MAX_CHANNELS_ANY_MAP or h * w >= TORCH_CONV_MIN_CELLS
 
