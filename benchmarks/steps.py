@@ -111,12 +111,13 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, n
             "label": rng.integers(0, NUM_CLASSES, batch_size)}
 
 
-def bench_devices(trains_backbone: bool, device: str | None, batch_size: int, image_size: int) -> list:
-    """jaxft's devices for a train step or a forward pass: one (the comparison is per chip, not
-    of data parallelism), except on the CPU, where the CLIs may use both halves of a CPU that
-    ``runtime.split_cpu`` split (``benchmarks.__main__`` splits it as the CLIs do)."""
+def bench_devices(model, trains_backbone: bool, device: str | None, batch_size: int, image_size: int) -> list:
+    """jaxft's devices for a train step or a forward pass of ``model``: one (the comparison is per
+    chip, not of data parallelism), except on the CPU, where the CLIs may use both halves of a CPU
+    that ``runtime.split_cpu`` split (``benchmarks.__main__`` splits it as the CLIs do)."""
     if device in (None, "cpu") and jax.default_backend() == "cpu":
-        return runtime.run_devices(trains_backbone=trains_backbone, batch_size=batch_size, image_size=image_size)
+        return runtime.run_devices(trains_backbone=trains_backbone, batch_size=batch_size, image_size=image_size,
+                                   model=model)
     return jax.devices(device)[:1]
 
 
@@ -256,7 +257,7 @@ def bench_train(arch: str, strategy: str, size: int, setup: Setup) -> TrainResul
     # Each side's batch starts in host memory as its training loop's does: jaxft's loader sends
     # uint8 (normalised on the device), the recipe's DataLoader float32 (ToTensor + Normalize).
     jax_batch = {"image": batch["pixels"], "label": batch["label"]}
-    devices = bench_devices(strategy != "head", setup.device, setup.batch_size, size)
+    devices = bench_devices(model, strategy != "head", setup.device, setup.batch_size, size)
     engine = bench_engine(model, variables, strategy, devices)
 
     def jax_step() -> float:
@@ -388,7 +389,7 @@ def bench_inference(arch: str, size: int, setup: Setup) -> InferenceResult:
     model, variables, batch = row_inputs(arch, size, setup)
     twin = torch_twin(arch, variables, setup).eval()
     x = torch_images(batch["image"], setup)
-    devices = bench_devices(False, setup.device, setup.batch_size, size)
+    devices = bench_devices(model, False, setup.device, setup.batch_size, size)
     mesh = data_mesh(devices)
     on_device, placed = replicate(variables, mesh), jax.device_put(batch["pixels"], NamedSharding(mesh, P("data")))
     normalization = (IMAGENET_MEAN, IMAGENET_STD)

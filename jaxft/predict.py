@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"note: {classifier.note}", file=sys.stderr)
         # batches over enough pixels are split over the CPU's two halves, as train's eval passes
         devices = runtime.run_devices(trains_backbone=False, batch_size=min(args.batch_size, len(args.images)),
-                                      image_size=classifier.transform.crop_size)
+                                      image_size=classifier.transform.crop_size, model=classifier.model)
         if runtime.cpu_split_in_use(devices):
             print(f"note: each batch split over {len(devices)} CPU devices (JAXFT_XLA_DEFAULTS=0 keeps one)",
                   file=sys.stderr)

@@ -319,10 +319,10 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
     # every device of every process (each process loads its own rows of every batch); where the
     # tool split the CPU into two devices, both only for forward-pass steps over enough pixels
     mesh = data_mesh(runtime.run_devices(trains_backbone=strategy.name != "head", batch_size=cfg.batch_size,
-                                         image_size=eval_t.crop_size))
+                                         image_size=eval_t.crop_size, model=model))
     eval_batch = max(cfg.batch_size, 64)
     eval_mesh = data_mesh(runtime.run_devices(trains_backbone=False, batch_size=eval_batch,
-                                              image_size=eval_t.crop_size))  # forward passes
+                                              image_size=eval_t.crop_size, model=model))  # forward passes
     if runtime.cpu_split_in_use(list(eval_mesh.devices.flat)):
         on = "steps and evaluation" if eval_mesh == mesh else "evaluation (the steps on one)"
         log(f"{on} on {eval_mesh.devices.size} CPU devices, a part of each batch on each: XLA:CPU runs many "

@@ -92,12 +92,16 @@ def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
 
 SPLIT_PROBE = """
 import json, jax
-from jaxft import runtime
+from jaxft import create_model, runtime
 made = runtime.split_cpu()
+vgg, resnet = create_model("vgg11", num_classes=5), create_model("resnet18", num_classes=5)
 print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.split_cpu(),
                   "head 16 x 112^2": len(runtime.run_devices(False, 16, 112)),
                   "head 32 x 64^2": len(runtime.run_devices(False, 32, 64)),
-                  "full 16 x 224^2": len(runtime.run_devices(True, 16, 224))}))
+                  "full 16 x 224^2": len(runtime.run_devices(True, 16, 224)),
+                  "vgg11 head 16 x 224^2": len(runtime.run_devices(False, 16, 224, model=vgg)),
+                  "vgg11 head 16 x 112^2": len(runtime.run_devices(False, 16, 112, model=vgg)),
+                  "resnet18 head 16 x 224^2": len(runtime.run_devices(False, 16, 224, model=resnet))}))
 """
 
 
@@ -105,7 +109,13 @@ print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.
 def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward_steps():
     split = device_probe(SPLIT_PROBE)
     assert split == {"made": True, "devices": 2, "again": False,  # once, before the backend: then never
-                     "head 16 x 112^2": 2, "head 32 x 64^2": 1, "full 16 x 224^2": 1}
+                     "head 16 x 112^2": 2, "head 32 x 64^2": 1, "full 16 x 224^2": 1,
+                     # every 3x3 convolution of vgg11 at 224 px on torch's kernels, which use both cores:
+                     # one device; at 112 px its last layers (7x7 maps, 512 channels) stay XLA's, and so
+                     # do resnet18's layer3 and layer4 at 224 px: both devices
+                     "vgg11 head 16 x 224^2": 1, "vgg11 head 16 x 112^2": 2, "resnet18 head 16 x 224^2": 2}
+    # with every kernel XLA's, vgg11's forward passes take both devices again
+    assert device_probe(SPLIT_PROBE, JAXFT_TORCH_KERNELS="0")["vgg11 head 16 x 224^2"] == 2
     # the user's device count wins (each way of setting it), and so does turning jaxft's defaults off;
     # a run then uses every device there is, as before the split existed
     for env, devices in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
@@ -113,7 +123,9 @@ def test_the_tools_split_the_cpu_and_runs_use_both_halves_only_for_large_forward
                          ({"JAX_NUM_CPU_DEVICES": "3"}, 3), ({"JAXFT_XLA_DEFAULTS": "0"}, 1)):
         assert device_probe(SPLIT_PROBE, **env) == {"made": False, "devices": devices, "again": False,
                                                     "head 16 x 112^2": devices, "head 32 x 64^2": devices,
-                                                    "full 16 x 224^2": devices}, env
+                                                    "full 16 x 224^2": devices, "vgg11 head 16 x 224^2": devices,
+                                                    "vgg11 head 16 x 112^2": devices,
+                                                    "resnet18 head 16 x 224^2": devices}, env
 
 
 CALLER_PROBE = """

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -204,6 +205,7 @@ class Conv(nn.Module):
                             self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         dims = ("NHWC", "HWIO", "NHWC")
+        by_torch = False
         if _use_pointwise_matmul(self.kernel_size, self.padding, self.feature_group_count):
             y = _pointwise_matmul(x, kernel, tuple(self.strides))
         elif _center_tap_only(x.shape, self.kernel_size, self.padding, self.feature_group_count):
@@ -218,6 +220,7 @@ class Conv(nn.Module):
         elif _use_torch_conv(x, self.features, self.kernel_size, self.strides, self.padding,
                              self.feature_group_count):
             y = _conv_by_torch(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
+            by_torch = True
         elif _use_tap_kernel_grad(x, self.features, self.kernel_size, self.strides, self.padding,
                                   self.feature_group_count):
             y = _conv_tap_kernel_grad(x, kernel, tuple(map(tuple, self.padding)))
@@ -226,9 +229,38 @@ class Conv(nn.Module):
         else:
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims,
                                              feature_group_count=self.feature_group_count)
+        if _traced_routes is not None and max(self.kernel_size) > 1:
+            _traced_routes.append(by_torch)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
+
+
+# While `forward_convolutions_by_torch` traces a model: for each kxk convolution, whether torch's
+# kernels take it
+_traced_routes: list[bool] | None = None
+
+
+def forward_convolutions_by_torch(model: nn.Module, batch_size: int, image_size: int) -> bool:
+    """Whether torch's kernels (``_conv_by_torch``) take every kxk convolution of ``model``'s
+    forward pass over a float32 batch of ``batch_size`` RGB images of ``image_size`` px on one
+    CPU device. Read from a trace of ``model.init`` (shapes only: nothing is computed)."""
+    if not host_conv.available():
+        return False
+    images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    with _tracing_routes() as routes:
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return bool(routes) and all(routes)
+
+
+@contextlib.contextmanager
+def _tracing_routes():
+    global _traced_routes
+    _traced_routes = routes = []
+    try:
+        yield routes
+    finally:
+        _traced_routes = None
 
 
 def _use_pointwise_matmul(kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
