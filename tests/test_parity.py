@@ -280,7 +280,8 @@ def calls_back(fn, *args) -> bool:
                                                        ((13, 11), 8, (3, 3), (2, 2), False),
                                                        ((20, 18), 3, (7, 7), (2, 2), False),
                                                        ((10, 10), 8, (5, 5), (1, 1), True),
-                                                       ((13, 17), 8, (3, 5), (2, 1), False)])
+                                                       ((13, 17), 8, (3, 5), (2, 1), False),
+                                                       ((9, 14), 8, (3, 5), (1, 1), True)])
 def test_conv_by_torchs_kernels_matches_float64_torch(monkeypatch, torch_kernel_calls, hw, c_in, kernel, stride, bias):
     """Conv's route on the CPU (the convolution and both its gradients by torch's kernels through
     FFI custom calls, host_conv.py), jitted and not: the route is taken (its targets are in the
@@ -326,6 +327,41 @@ def test_conv_by_torchs_kernels_matches_float64_torch(monkeypatch, torch_kernel_
         got = [y, x_grad, p_grad["kernel"]] + ([p_grad["bias"]] if bias else [])
         for r, e, t in zip(got, expected, torch32):
             assert rel_l2(np.asarray(r, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_torchs_kernels_write_into_the_result_buffer_and_copy_where_torch_has_no_onednn(monkeypatch, stride):
+    """host_conv's forward pass and input gradient as the handlers run them, into a result buffer
+    that holds garbage (XLA's buffers are not zeroed): written by oneDNN in place (its fused
+    ``out += conv`` over ``out`` zeroed; the input gradient with stride 1 as the convolution of
+    the flipped kernel) on this build, and copied from ``aten.convolution`` where torch has no
+    oneDNN; both give the bits of torch's own convolution and its backward-data kernel."""
+    from jaxft.models import host_conv
+
+    assert torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    rng = np.random.default_rng(3)
+    x, kernel = rng.standard_normal((4, 15, 13, 16), np.float32), rng.standard_normal((3, 5, 16, 24), np.float32)
+    strides, padding = (stride, stride), ((1, 1), (2, 2))
+    y_shape = host_conv.output_shape(x.shape, kernel.shape, strides, padding)
+    g = rng.standard_normal(y_shape, np.float32)
+    torch_kernel, nchw = torch.from_numpy(kernel).permute(3, 2, 0, 1), lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
+    expected_y = torch.ops.aten.convolution(nchw(x), torch_kernel, None, list(strides), [1, 2], [1, 1], False,
+                                            [0, 0], 1).permute(0, 2, 3, 1).numpy()
+    expected_dx = torch.ops.aten.convolution_backward(nchw(g), nchw(x), torch_kernel, None, list(strides), [1, 2],
+                                                      [1, 1], False, [0, 0], 1, [True, False, False])
+    expected_dx = expected_dx[0].permute(0, 2, 3, 1).numpy()
+
+    def results():
+        y, dx = np.full(y_shape, np.nan, np.float32), np.full(x.shape, 7.0, np.float32)
+        host_conv.torch_conv(x, kernel, y, strides=strides, padding=padding)
+        host_conv.torch_input_grad(g, kernel, dx, strides=strides, padding=padding)
+        return y, dx
+
+    for onednn in (True, False):
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda onednn=onednn: onednn)
+        y, dx = results()
+        np.testing.assert_array_equal(y, expected_y)
+        np.testing.assert_array_equal(dx, expected_dx)
 
 
 def test_torch_kernel_route_takes_large_layers_and_is_left_where_it_cannot_run(monkeypatch):
