@@ -318,6 +318,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str]
                                                   bn_policy=cfg.bn_frozen)
     # every device of every process (each process loads its own rows of every batch); where the
     # tool split the CPU into two devices, both only for forward-pass steps over enough pixels
+    # whose convolutions are not all torch's kernels on one device
     mesh = data_mesh(runtime.run_devices(trains_backbone=strategy.name != "head", batch_size=cfg.batch_size,
                                          image_size=eval_t.crop_size, model=model))
     eval_batch = max(cfg.batch_size, 64)

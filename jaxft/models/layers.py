@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -229,16 +230,17 @@ class Conv(nn.Module):
         else:
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims,
                                              feature_group_count=self.feature_group_count)
-        if _traced_routes is not None and max(self.kernel_size) > 1:
-            _traced_routes.append(by_torch)
+        routes = getattr(_traced_routes, "routes", None)
+        if routes is not None and max(self.kernel_size) > 1:
+            routes.append(by_torch)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
 
 
-# While `forward_convolutions_by_torch` traces a model: for each kxk convolution, whether torch's
-# kernels take it
-_traced_routes: list[bool] | None = None
+# While `forward_convolutions_by_torch` traces a model on this thread (`.routes`): for each kxk
+# convolution, whether torch's kernels take it
+_traced_routes = threading.local()
 
 
 def forward_convolutions_by_torch(model: nn.Module, batch_size: int, image_size: int) -> bool:
@@ -255,12 +257,11 @@ def forward_convolutions_by_torch(model: nn.Module, batch_size: int, image_size:
 
 @contextlib.contextmanager
 def _tracing_routes():
-    global _traced_routes
-    _traced_routes = routes = []
+    _traced_routes.routes = routes = []
     try:
         yield routes
     finally:
-        _traced_routes = None
+        _traced_routes.routes = None
 
 
 def _use_pointwise_matmul(kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
