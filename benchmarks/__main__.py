@@ -90,7 +90,8 @@ def train_section(args: argparse.Namespace, setup: steps.Setup,
              "step takes its batch from host memory as its training loop does: torch float32 (`ToTensor` + "
              "`Normalize` on the host, `.to(device)`), jaxft uint8 normalised on the device. jaxft devices: one, "
              "except where a `python -m jaxft.train` run would use the CPU as two (`head` steps over at least "
-             "200,000 pixels a batch: docs/engine.md), each with half the batch.")
+             "200,000 pixels a batch, unless torch's kernels take every convolution on one: docs/engine.md), "
+             "each with half the batch.")
     return section, results, failures
 
 
@@ -105,7 +106,8 @@ def inference_section(args: argparse.Namespace, setup: steps.Setup) -> tuple[rep
                              note=f"Eval mode, {setup.describe()}: jitted `model.apply(train=False)` against "
                                   "torch `eval()` under `inference_mode`. jaxft runs as `python -m jaxft.predict` "
                                   "does: uint8 crops normalised on the device, on the devices it would use (both "
-                                  "halves of the split CPU over 200,000 pixels a batch).")
+                                  "halves of the split CPU over 200,000 pixels a batch, unless torch's kernels "
+                                  "take every convolution on one).")
     return section, failures
 
 

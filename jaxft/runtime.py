@@ -16,7 +16,8 @@
 
 The command-line tools also make a machine without an accelerator **two CPU devices**
 (``split_cpu``, before JAX starts a backend), and each run then chooses whether its steps use
-both (``run_devices``): those that are forward passes over large enough batches do. Same rules:
+both (``run_devices``): those that are forward passes over large enough batches do, unless
+torch's kernels would take all their convolutions on one device. Same rules:
 never when the user chose a device count, and ``JAXFT_XLA_DEFAULTS=0`` turns it off.
 """
 
@@ -138,7 +139,8 @@ def configure() -> None:
 # a frozen backbone, a trained classifier) then leaves a core idle; two CPU devices, each running
 # half of the batch, use both. Measured on 2 cores, batch 16, a step (docs/benchmarks.md):
 # resnet18 `head` 0.47 -> 0.34 s at 224 px, 0.21 -> 0.16 s at 160, 0.12 -> 0.09 s at 112;
-# resnet50 0.98 -> 0.83 s at 224; vgg16 even. Steps that train the backbone pay for the
+# resnet50 0.98 -> 0.83 s at 224; vgg16 even (and faster on one device, where torch's kernels take
+# all its convolutions: run_devices). Steps that train the backbone pay for the
 # all-reduce of its gradients and an optimizer update on both devices (resnet50 `partial:0.8`
 # at 224 px 1.29 -> 1.38 s, resnet18 `full` at 64 px 1.7x slower), and small batches gain
 # nothing (resnet18 `head`, 32 x 64 px: even; 16 x 64 px: slower). A process's device count is
@@ -183,12 +185,13 @@ def split_cpu_for_command(argv: Optional[Sequence[str]]) -> None:
         split_cpu()
 
 
-def run_devices(trains_backbone: bool, batch_size: int, image_size: int, model: Any = None) -> list:
+def run_devices(trains_backbone: bool, batch_size: int, image_size: int, *, model: Any) -> list:
     """The devices a run's steps use: every device of every process (``engine.data_mesh``),
     except where ``split_cpu`` made the CPU two devices: both for a step that is forward passes
     (``trains_backbone`` False) over at least ``SPLIT_MIN_PIXELS``, else the first alone, as if
     it had not been split. A forward-pass step of a ``model`` whose kxk convolutions all run on
-    torch's kernels on one device stays on one: those use both cores, which is what the split
+    torch's kernels on one device stays on one (``model`` None: the model is not known, and
+    the rule goes by pixels alone): those use both cores, which is what the split
     is for (``models.layers.forward_convolutions_by_torch``; vgg16 at 224 px, batch 16: the
     `head` step 2.49 -> 2.15 s on one device, the forward pass 2.34 -> 2.08 s)."""
     import jax

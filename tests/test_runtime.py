@@ -96,9 +96,9 @@ from jaxft import create_model, runtime
 made = runtime.split_cpu()
 vgg, resnet = create_model("vgg11", num_classes=5), create_model("resnet18", num_classes=5)
 print(json.dumps({"made": made, "devices": len(jax.devices()), "again": runtime.split_cpu(),
-                  "head 16 x 112^2": len(runtime.run_devices(False, 16, 112)),
-                  "head 32 x 64^2": len(runtime.run_devices(False, 32, 64)),
-                  "full 16 x 224^2": len(runtime.run_devices(True, 16, 224)),
+                  "head 16 x 112^2": len(runtime.run_devices(False, 16, 112, model=None)),
+                  "head 32 x 64^2": len(runtime.run_devices(False, 32, 64, model=None)),
+                  "full 16 x 224^2": len(runtime.run_devices(True, 16, 224, model=None)),
                   "vgg11 head 16 x 224^2": len(runtime.run_devices(False, 16, 224, model=vgg)),
                   "vgg11 head 16 x 112^2": len(runtime.run_devices(False, 16, 112, model=vgg)),
                   "resnet18 head 16 x 224^2": len(runtime.run_devices(False, 16, 224, model=resnet))}))

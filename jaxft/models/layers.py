@@ -257,11 +257,12 @@ def forward_convolutions_by_torch(model: nn.Module, batch_size: int, image_size:
 
 @contextlib.contextmanager
 def _tracing_routes():
+    outer = getattr(_traced_routes, "routes", None)
     _traced_routes.routes = routes = []
     try:
         yield routes
     finally:
-        _traced_routes.routes = None
+        _traced_routes.routes = outer
 
 
 def _use_pointwise_matmul(kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
