@@ -253,15 +253,19 @@ def test_two_processes_train_as_one_process_with_two_devices_and_as_one_device(r
         summary["val"]["confusion_matrix"]
 
     # One device sums the batch in another order: float32 reduction noise, which 20 Adam steps
-    # carry into the parameters (measured: relative L2 1.9e-5 for full, 2e-8 for head; losses 3e-5).
+    # carry into the parameters. The noise is heavy-tailed over seeds: `full`, seeds 0-9, two
+    # builds of the tiny-map patches (docs/benchmarks.md, "the tiny-map patches, again"): most
+    # draws 1e-7 in the losses and 1e-6 in the parameters, three of twenty 1.0-2.5e-4 and
+    # 4-10e-5. The bounds are 4-5x the worst draw. A padding row counted as a sample (the mask's
+    # padding set to 1, seeds 0 and 1) moved the losses 3.8-5.8e-2 and the parameters 2.5-2.8e-3.
     for got, expected in zip(epochs(two_processes), epochs(one_device), strict=True):
         for key in ("train_loss", "val_loss"):
             if key in expected:
-                assert got[key] == pytest.approx(expected[key], rel=1e-4), (got["epoch"], key)
+                assert got[key] == pytest.approx(expected[key], rel=1e-3), (got["epoch"], key)
         for key, samples in (("train_accuracy", TRAIN_SIZE), ("val_accuracy", sum(VAL_PER_CLASS.values()))):
             if key in expected:  # a prediction at a near tie may flip: at most one sample
                 assert abs(got[key] - expected[key]) <= 1 / samples + 1e-12, (got["epoch"], key)
-    assert _relative_l2(params, final_params(one_device)) < 1e-4
+    assert _relative_l2(params, final_params(one_device)) < 5e-4
 
 
 @pytest.mark.parametrize("strategy", ["full", "head"])

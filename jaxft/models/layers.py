@@ -213,11 +213,8 @@ class Conv(nn.Module):
             # a 1x1 map padded by k//2: every other tap multiplies zeros; one matmul does it
             kh, kw = self.kernel_size
             y = x @ kernel[kh // 2, kw // 2]
-        elif _use_patches(x.shape, self.kernel_size, self.feature_group_count):
-            patches = jax.lax.conv_general_dilated_patches(x, self.kernel_size, self.strides, self.padding,
-                                                           dimension_numbers=dims)
-            # patches' features are ordered (in_channel, kh, kw)
-            y = patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features)
+        elif _use_patches(x.shape, self.kernel_size, self.padding, self.feature_group_count):
+            y = _patches(x, self.kernel_size, self.strides, self.padding) @ kernel.reshape(-1, self.features)
         elif _use_torch_conv(x, self.features, self.kernel_size, self.strides, self.padding,
                              self.feature_group_count):
             y = _conv_by_torch(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)))
@@ -288,13 +285,30 @@ def _center_tap_only(shape: tuple[int, ...], kernel_size: tuple[int, int], paddi
     return (h, w) == (1, 1) and groups == 1 and tuple(map(tuple, padding)) == ((kh // 2,) * 2, (kw // 2,) * 2)
 
 
-def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], groups: int) -> bool:
+def _patches(x: jnp.ndarray, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Any) -> jnp.ndarray:
+    """The kxk patches of the NHWC map ``x``: the padded map's k*k shifted (strided) views,
+    concatenated along the channels, so that their features are ordered (kh, kw, c_in) as an HWIO
+    kernel reshaped to (kh*kw*c_in, c_out) is, and the kernel is used as stored.
+    (``lax.conv_general_dilated_patches`` orders them (c_in, kh, kw), which cost a transposed copy
+    of the kernel every step, and builds them with a one-hot convolution, 3.5 ms each for
+    resnet18's layer4 at batch 32 x 64 px: the `head` step 84 -> 61 ms, docs/benchmarks.md.)"""
+    kh, kw = kernel_size
+    sh, sw = strides
+    padded = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    out_h, out_w = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    views = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(views, axis=-1)
+
+
+def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], padding: Any, groups: int) -> bool:
     """A kxk convolution over a 2..6-cell map, on the CPU. (Also routing strided convolutions
     *onto* such a map, 4x4 -> 2x2, was 3x faster for their fwd+bwd but moved an Adam trajectory
     through BatchNorm 4.6 ulps from float64, past tests/test_bn_parity.py's bound: not taken,
     docs/benchmarks.md.)"""
     _, h, w, _ = shape
-    return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and 2 <= h * w <= 6
+    return (jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and not isinstance(padding, str)
+            and 2 <= h * w <= 6)
 
 
 # XLA:CPU's kxk convolutions against torch's through host_conv.py's FFI targets, each jitted alone
