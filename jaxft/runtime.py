@@ -34,10 +34,11 @@ from typing import Any, Optional
 # it XLA copied Adam's two moments before the update, so the step held them twice (vgg16
 # `partial:0.8`: 1,371 -> 950 MiB of temporaries, 1.00 -> 0.81 s a step at 64 px, the same
 # values bit for bit: docs/benchmarks.md). It removes copies only, so numerics cannot move.
-# Not taken: YNNPACK's reduction kernels (--xla_cpu_experimental_ynn_fusion_type=reduce), 17%
-# off resnet18's full step at 224 px (1.56 -> 1.29 s) but its train-mode gradients 500x further
-# from a float64 reference (3.6e-3 against XLA's own 7e-6; torch float32: 3e-6), which
-# tests/test_parity.py's gradient test caught. A flag goes here only when the parity tests pass
+# Not taken: --xla_cpu_experimental_ynn_fusion_type=reduce, 17% off resnet18's full step at 224
+# px (1.56 -> 1.29 s) but its train-mode gradients 500x further from a float64 reference (3.6e-3
+# against the default's 7e-6; torch float32: 3e-6), which tests/test_parity.py's gradient test
+# caught. (It narrows YNNPACK's fusions, by default reductions and convolutions, to reductions:
+# the convolutions went to XLA's Eigen ones, the gain and the loss both theirs.) A flag goes here only when the parity tests pass
 # under it.
 CPU_XLA_FLAGS: dict[str, str] = {"--xla_cpu_copy_insertion_use_region_analysis": "true"}
 

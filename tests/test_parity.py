@@ -635,3 +635,54 @@ def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding
     assert np.array_equal(np.asarray(y), nchw_to_nhwc(torch_y.detach()))
     assert np.array_equal(np.asarray(grad), nchw_to_nhwc(torch_x.grad))
     assert (np.asarray(grad) == 0).mean() > 0.3  # ties were there to resolve: many inputs get nothing
+
+
+@pytest.mark.parametrize("padding_rows", [0, 3])
+def test_batchnorm_over_the_real_rows_of_a_padded_batch_matches_float64_torch(padding_rows):
+    """Train-mode BatchNorm on a batch whose last rows are padding (mask 0, filled with large
+    values; the loss gives their outputs no cotangent): the output of the real rows, the gradients
+    of the input, scale and bias, and the
+    running statistics are torch's BatchNorm2d on the real rows alone (as close to float64 as
+    torch float32 is, or 1e-6), and the padding rows get exactly no gradient. With no padding
+    the batch statistics take the branch that reads no mask (`layers._masked_moments`)."""
+    from jaxft.models.layers import BatchNorm
+
+    rng = np.random.default_rng(7)
+    real = 6
+    x = (rng.normal(size=(real + padding_rows, 5, 7, 4)) * 3 + 2).astype(np.float32)
+    x[real:] = 1e3  # padding must change nothing
+    mask = (np.arange(len(x)) < real).astype(np.float32)
+    scale, bias = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    cotangent = rng.normal(size=x.shape).astype(np.float32)
+    cotangent[real:] = 0  # the loss is masked: padding rows' outputs reach it with weight 0
+
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), jnp.asarray(x), train=True, mask=jnp.asarray(mask))
+    params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
+
+    def forward(p, v):
+        return bn.apply({"params": p, "batch_stats": variables["batch_stats"]}, v, train=True,
+                        mask=jnp.asarray(mask), mutable=["batch_stats"])
+
+    (y, updated), vjp = jax.vjp(forward, params, jnp.asarray(x))
+    p_grad, x_grad = vjp((jnp.asarray(cotangent), jax.tree.map(jnp.zeros_like, updated)))
+
+    def torch_results(dtype):
+        layer = torch.nn.BatchNorm2d(4).to(dtype).train()
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(scale))
+            layer.bias.copy_(torch.from_numpy(bias))
+        xt = torch.from_numpy(x[:real]).permute(0, 3, 1, 2).to(dtype).requires_grad_(True)
+        out = layer(xt)
+        out.backward(torch.from_numpy(cotangent[:real]).permute(0, 3, 1, 2).to(dtype))
+        return [np.asarray(r, np.float64) for r in (
+            nchw_to_nhwc(out.detach()), nchw_to_nhwc(xt.grad), layer.weight.grad.numpy(), layer.bias.grad.numpy(),
+            layer.running_mean.numpy(), layer.running_var.numpy())]
+
+    got = [np.asarray(y)[:real], np.asarray(x_grad)[:real], p_grad["scale"], p_grad["bias"],
+           updated["batch_stats"]["mean"], updated["batch_stats"]["var"]]
+    expected, torch32 = torch_results(torch.float64), torch_results(torch.float32)
+    for name, g, e, t in zip(("y", "x grad", "scale grad", "bias grad", "running mean", "running var"),
+                             got, expected, torch32):
+        assert rel_l2(np.asarray(g, np.float64), e) <= max(1e-6, 2 * rel_l2(t, e)), name
+    assert not np.asarray(x_grad)[real:].any()
