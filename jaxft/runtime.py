@@ -38,8 +38,8 @@ from typing import Any, Optional
 # px (1.56 -> 1.29 s) but its train-mode gradients 500x further from a float64 reference (3.6e-3
 # against the default's 7e-6; torch float32: 3e-6), which tests/test_parity.py's gradient test
 # caught. (It narrows YNNPACK's fusions, by default reductions and convolutions, to reductions:
-# the convolutions went to XLA's Eigen ones, the gain and the loss both theirs.) A flag goes here only when the parity tests pass
-# under it.
+# the convolutions went to XLA's Eigen ones, the gain and the loss both theirs.) A flag goes
+# here only when the parity tests pass under it.
 CPU_XLA_FLAGS: dict[str, str] = {"--xla_cpu_copy_insertion_use_region_analysis": "true"}
 
 # jaxlib releases (major, minor) whose XLA was checked to know every flag above (XLA aborts on
