@@ -91,7 +91,9 @@ def _masked_moments(x: jnp.ndarray, weight: jnp.ndarray, count: jnp.ndarray) -> 
     each activation's shape and keep ``x - mean`` as well (the stem's 16x112x112x64 at 224 px:
     16 + 15 ms a step; docs/benchmarks.md). The gradient is written out, so the branch is not
     differentiated: d/dx = weight * (g_mean + 2 g_var (x - mean)) / count (the variance's path
-    through the mean is zero: the weighted deviations sum to zero)."""
+    through the mean is zero: the weighted deviations sum to zero). A custom VJP is reverse mode
+    only: ``jax.jvp`` through a train-mode BatchNorm with a mask is refused (nothing in jaxft
+    differentiates forward)."""
     return _masked_moments_forward(x, weight, count)[0]
 
 
