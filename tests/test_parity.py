@@ -641,10 +641,10 @@ def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding
 def test_batchnorm_over_the_real_rows_of_a_padded_batch_matches_float64_torch(padding_rows):
     """Train-mode BatchNorm on a batch whose last rows are padding (mask 0, filled with large
     values; the loss gives their outputs no cotangent): the output of the real rows, the gradients
-    of the input, scale and bias, and the
-    running statistics are torch's BatchNorm2d on the real rows alone (as close to float64 as
-    torch float32 is, or 1e-6), and the padding rows get exactly no gradient. With no padding
-    the batch statistics take the branch that reads no mask (`layers._masked_moments`)."""
+    of the input, scale and bias, and the running statistics are torch's BatchNorm2d on the real
+    rows alone (as close to float64 as torch float32 is, or 1e-6), and the padding rows get
+    exactly no gradient. With no padding the batch statistics take the branch that reads no mask
+    (`layers._masked_moments`)."""
     from jaxft.models.layers import BatchNorm
 
     rng = np.random.default_rng(7)
