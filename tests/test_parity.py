@@ -638,14 +638,23 @@ def test_max_pool_matches_torch_values_and_gradient_rule(window, stride, padding
 
 
 @pytest.mark.parametrize("padding_rows", [0, 3])
-def test_batchnorm_over_the_real_rows_of_a_padded_batch_matches_float64_torch(padding_rows):
+def test_batchnorm_over_the_real_rows_of_a_padded_batch_matches_float64_torch(padding_rows, monkeypatch):
     """Train-mode BatchNorm on a batch whose last rows are padding (mask 0, filled with large
     values; the loss gives their outputs no cotangent): the output of the real rows, the gradients
     of the input, scale and bias, and the running statistics are torch's BatchNorm2d on the real
-    rows alone (as close to float64 as torch float32 is, or 1e-6), and the padding rows get
-    exactly no gradient. With no padding the batch statistics take the branch that reads no mask
-    (`layers._masked_moments`)."""
+    rows alone (within twice torch float32's distance from float64, or 1e-6), and the padding
+    rows get exactly no gradient. On the CPU, a batch without padding takes the branch that reads
+    no mask and a padded one the other (`layers._masked_moments`): the branch that must not run
+    is replaced by one that returns NaN."""
+    from jaxft.models import layers
     from jaxft.models.layers import BatchNorm
+
+    def poisoned(x, weight, count):
+        nan = jnp.full(x.shape[-1:], jnp.nan, x.dtype)
+        return nan, nan
+
+    monkeypatch.setattr(layers, "_moments_of_real_samples" if padding_rows == 0 else "_moments_of_every_sample",
+                        poisoned)
 
     rng = np.random.default_rng(7)
     real = 6

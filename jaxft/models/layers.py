@@ -83,33 +83,42 @@ class BatchNorm(nn.Module):
 @jax.custom_vjp
 def _masked_moments(x: jnp.ndarray, weight: jnp.ndarray, count: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The per-channel mean and biased variance (two passes) of the NHWC ``x`` over the samples
-    whose ``weight`` (N,) is 1, ``count`` the number of their cells.
+    whose ``weight`` (N,) is 1, ``count`` the number of their cells (sum(weight) * H * W).
 
     A batch is padded (some weights 0) only at an epoch's last step or where it does not divide
-    over the devices; every other step takes the branch without weights, whose reductions read
-    ``x`` alone. Multiplying by the weights inside the reductions made XLA write the mask out at
-    each activation's shape and keep ``x - mean`` as well (the stem's 16x112x112x64 at 224 px:
-    16 + 15 ms a step; docs/benchmarks.md). The gradient is written out, so the branch is not
-    differentiated: d/dx = weight * (g_mean + 2 g_var (x - mean)) / count (the variance's path
-    through the mean is zero: the weighted deviations sum to zero). A custom VJP is reverse mode
-    only: ``jax.jvp`` through a train-mode BatchNorm with a mask is refused (nothing in jaxft
+    over the devices; on the CPU every other step takes the branch without weights, whose
+    reductions read ``x`` alone. Multiplying by the weights inside the reductions made XLA:CPU
+    write the mask out at each activation's shape as the reductions' operand and keep ``x - mean``
+    as well (the stem's 16x112x112x64 at 224 px: 16 + 15 ms a step; docs/benchmarks.md). Other
+    backends keep the weighted reductions: a conditional there may read its predicate on the
+    host, once per BatchNorm. The gradient is written out, so no branch is differentiated:
+    d/dx = weight * (g_mean + 2 g_var (x - mean)) / count (the variance's path through the mean
+    is zero since the weighted deviations sum to zero, which holds for that ``count``);
+    ``weight`` and ``count`` are data, their cotangents zero. A custom VJP is reverse mode only:
+    ``jax.jvp`` through a train-mode BatchNorm with a mask is refused (nothing in jaxft
     differentiates forward)."""
     return _masked_moments_forward(x, weight, count)[0]
 
 
-def _masked_moments_forward(x, weight, count):
+def _moments_of_every_sample(x, weight, count):
     axes = tuple(range(x.ndim - 1))
+    mean = jnp.sum(x, axis=axes) / count
+    return mean, jnp.sum(jnp.square(x - mean), axis=axes) / count
 
-    def every_sample(x):
-        mean = jnp.sum(x, axis=axes) / count
-        return mean, jnp.sum(jnp.square(x - mean), axis=axes) / count
 
-    def real_samples(x):
-        w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
-        mean = jnp.sum(x * w, axis=axes) / count
-        return mean, jnp.sum(jnp.square(x - mean) * w, axis=axes) / count
+def _moments_of_real_samples(x, weight, count):
+    axes = tuple(range(x.ndim - 1))
+    w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
+    mean = jnp.sum(x * w, axis=axes) / count
+    return mean, jnp.sum(jnp.square(x - mean) * w, axis=axes) / count
 
-    mean, var = jax.lax.cond(jnp.all(weight > 0), every_sample, real_samples, x)
+
+def _masked_moments_forward(x, weight, count):
+    if jax.default_backend() == "cpu":
+        mean, var = jax.lax.cond(jnp.all(weight > 0), _moments_of_every_sample, _moments_of_real_samples,
+                                 x, weight, count)
+    else:
+        mean, var = _moments_of_real_samples(x, weight, count)
     return (mean, var), (x, weight, count, mean)
 
 
@@ -349,8 +358,11 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], padding: 
     through BatchNorm 4.6 ulps from float64, past tests/test_bn_parity.py's bound: not taken,
     docs/benchmarks.md.)"""
     _, h, w, _ = shape
-    return (jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and not isinstance(padding, str)
-            and 2 <= h * w <= 6)
+    if isinstance(padding, str) or min(p for pair in padding for p in pair) < 0:
+        return False  # `_patches` pads with jnp.pad: explicit, non-negative padding only
+    (top, bottom), (left, right) = padding
+    fits = h + top + bottom >= kernel_size[0] and w + left + right >= kernel_size[1]  # >= 1 output cell
+    return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and fits and 2 <= h * w <= 6
 
 
 # XLA:CPU's kxk convolutions against torch's through host_conv.py's FFI targets, each jitted alone
