@@ -59,8 +59,8 @@ class BatchNorm(nn.Module):
 
         x32 = x.astype(jnp.float32)
         if train and "/".join(self.path) not in self.frozen_paths:
-            axes = tuple(range(x.ndim - 1))
             if mask is None:
+                axes = tuple(range(x.ndim - 1))
                 mean = jnp.mean(x32, axis=axes)
                 var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased, used to normalise
                 count = math.prod(x.shape[:-1])
@@ -100,6 +100,11 @@ def _masked_moments(x: jnp.ndarray, weight: jnp.ndarray, count: jnp.ndarray) -> 
     return _masked_moments_forward(x, weight, count)[0]
 
 
+def _per_sample(weight: jnp.ndarray, ndim: int) -> jnp.ndarray:
+    """The (N,) sample weights shaped to broadcast over an N... activation of ``ndim`` axes."""
+    return weight.reshape((-1,) + (1,) * (ndim - 1))
+
+
 def _moments_of_every_sample(x, weight, count):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.sum(x, axis=axes) / count
@@ -108,7 +113,7 @@ def _moments_of_every_sample(x, weight, count):
 
 def _moments_of_real_samples(x, weight, count):
     axes = tuple(range(x.ndim - 1))
-    w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
+    w = _per_sample(weight, x.ndim)
     mean = jnp.sum(x * w, axis=axes) / count
     return mean, jnp.sum(jnp.square(x - mean) * w, axis=axes) / count
 
@@ -125,8 +130,7 @@ def _masked_moments_forward(x, weight, count):
 def _masked_moments_backward(residuals, grads):
     x, weight, count, mean = residuals
     g_mean, g_var = grads
-    w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
-    g_x = w * (g_mean + 2.0 * g_var * (x - mean)) / count
+    g_x = _per_sample(weight, x.ndim) * (g_mean + 2.0 * g_var * (x - mean)) / count
     return g_x, jnp.zeros_like(weight), jnp.zeros_like(count)
 
 
@@ -345,8 +349,8 @@ def _patches(x: jnp.ndarray, kernel_size: tuple[int, int], strides: tuple[int, i
     resnet18's layer4 at batch 32 x 64 px: the `head` step 84 -> 61 ms, docs/benchmarks.md.)"""
     kh, kw = kernel_size
     sh, sw = strides
+    _, out_h, out_w, _ = host_conv.output_shape(x.shape, (kh, kw, 0, 0), strides, padding)
     padded = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    out_h, out_w = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
     views = [padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
              for i in range(kh) for j in range(kw)]
     return jnp.concatenate(views, axis=-1)
@@ -360,8 +364,7 @@ def _use_patches(shape: tuple[int, ...], kernel_size: tuple[int, int], padding: 
     _, h, w, _ = shape
     if isinstance(padding, str) or min(p for pair in padding for p in pair) < 0:
         return False  # `_patches` pads with jnp.pad: explicit, non-negative padding only
-    (top, bottom), (left, right) = padding
-    fits = h + top + bottom >= kernel_size[0] and w + left + right >= kernel_size[1]  # >= 1 output cell
+    fits = min(host_conv.output_shape(shape, (*kernel_size, 0, 0), (1, 1), padding)[1:3]) >= 1  # any stride
     return jax.default_backend() == "cpu" and groups == 1 and max(kernel_size) > 1 and fits and 2 <= h * w <= 6
 
 
