@@ -129,11 +129,14 @@ class RunCheckpoints:
     item (epoch, position in the epoch, running metrics, data iterator state).
 
     Keeps the latest ``keep`` checkpoints and, beside them, the best one by validation
-    accuracy. Saves are synchronous and atomic (orbax writes a temporary directory and
-    renames it), so a process killed mid-save leaves the previous checkpoints readable;
-    leftover temporary directories are removed when the manager opens. In a multi-host job
-    every process opens, saves, restores and closes it together, as orbax requires; process 0
-    writes the replicated state and the progress.
+    accuracy. Saves are atomic (orbax writes a temporary directory and renames it), so a
+    process killed mid-save leaves the previous checkpoints readable; leftover temporary
+    directories are removed when the manager opens. In a single-process run they are
+    asynchronous: ``save`` returns once the state is held on the host, and the files are
+    written while training goes on (a save waits for the one before it; reads and ``close``
+    wait for every save). In a multi-host job every process opens, saves, restores and closes
+    it together, as orbax requires, and saves are synchronous; process 0 writes the replicated
+    state and the progress.
     """
 
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
@@ -144,30 +147,48 @@ class RunCheckpoints:
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+        # Asynchronous in one process: an epoch's save costs its host copy, not its writes (0.5 s
+        # of resnet18's `full` state on two CPU cores, several seconds for vgg16's; measured in
+        # docs/benchmarks.md). Not across processes, where each save would add orbax's barriers.
+        self.asynchronous = jax.process_count() == 1
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                               enable_async_checkpointing=self.asynchronous,
                                                cleanup_tmp_directories=not read_only, read_only=read_only,
                                                create=not read_only)
         self._ocp = ocp
+        # Uncompressed: zstd took a quarter of a save's CPU time and kept 8% of the bytes of
+        # float32 weights and moments (docs/benchmarks.md); the format reads either way.
+        state_handler = ocp.PyTreeCheckpointHandler(use_compression=False)
         self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
-                                             item_names=("state", "progress"))
+                                             item_names=("state", "progress"),
+                                             item_handlers={"state": state_handler,
+                                                            "progress": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, progress: Mapping[str, Any], val_accuracy: float | None = None) -> None:
         ocp = self._ocp
-        if step in self.manager.all_steps():
+        if step in self.all_steps():
             return  # already saved at this step (an epoch end that is also a save interval)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                          progress=ocp.args.JsonSave(dict(progress))),
                           metrics={"val_accuracy": val_accuracy} if val_accuracy is not None else None)
 
     def latest_step(self) -> int | None:
+        self.manager.wait_until_finished()
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps with a checkpoint, once every save so far is on disk."""
+        self.manager.wait_until_finished()
+        return list(self.manager.all_steps())
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
         ocp = self._ocp
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
+        self.manager.wait_until_finished()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+            state_args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args,
                                                                            progress=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as exc:  # orbax: the saved tree is not this state's
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -177,6 +198,7 @@ class RunCheckpoints:
         return restored["state"], dict(restored["progress"])
 
     def progress(self, step: int) -> dict[str, Any]:
+        self.manager.wait_until_finished()
         restored = self.manager.restore(step, args=self._ocp.args.Composite(progress=self._ocp.args.JsonRestore()))
         return dict(restored["progress"])
 

@@ -139,9 +139,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
             def ready(run=run):
                 folder = run / "checkpoints"
                 return bool(saved_steps(run)) and any("tmp" in p.name for p in folder.iterdir())
-        else:
+        else:  # and a checkpoint on disk to resume from (saves are asynchronous: step 4's may still be written)
             def ready(run=run, at=at):
-                return max(logged_steps(run), default=0) >= at
+                return max(logged_steps(run), default=0) >= at and bool(saved_steps(run))
         sig = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM}.get(trigger, signal.SIGKILL)
         code, stderr = interrupt_when(proc, ready, sig)
         if sig != signal.SIGKILL:  # finish the step, checkpoint, exit 128 + signal with the resume command
