@@ -54,8 +54,12 @@ class TrainState:
     @classmethod
     def create(cls, variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int = 0) -> "TrainState":
         params = variables["params"]
+        # One compiled program for the whole optimizer state: run eagerly, each leaf's zeros_like
+        # compiles a program per shape (0.63 s for resnet18's Adam state, 1.4 s for resnet50's;
+        # jitted 0.09 s once the persistent cache holds it).
+        opt_state = jax.jit(tx.init)(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                   opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+                   opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
 
     @property
     def variables(self) -> dict[str, Any]:
