@@ -185,9 +185,10 @@ class RunCheckpoints:
         """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
         ocp = self._ocp
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)  # each leaf placed as like_state's
+        state_args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args)
         self.manager.wait_until_finished()
         try:
-            state_args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args,
                                                                            progress=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as exc:  # orbax: the saved tree is not this state's
