@@ -577,8 +577,10 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     finally:
         if metrics_log is not None:
             metrics_log.close()
-        ckpts.close()
-        close_iterator(iterator)
+        try:
+            ckpts.close()  # waits for the last asynchronous save, and raises if a save failed
+        finally:
+            close_iterator(iterator)
     return progress, best_val
 
 
