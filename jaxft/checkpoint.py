@@ -163,32 +163,55 @@ class RunCheckpoints:
                                              item_names=("state", "progress"),
                                              item_handlers={"state": state_handler,
                                                             "progress": ocp.JsonCheckpointHandler()})
+        self._writing: int | None = None  # the step whose files may still be being written
+
+    def _finish_writes(self) -> None:
+        """Wait for the save in flight. A write that failed in the background (a full disk, a
+        file size limit) becomes a CheckpointError that names the step, the folder and what to do."""
+        step, self._writing = self._writing, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as exc:  # noqa: BLE001 - whatever the writer raised, the save is lost
+            first = str(exc).strip().splitlines()[0][:1000] if str(exc).strip() else type(exc).__name__
+            directory = Path(self.manager.directory)
+            raise CheckpointError(
+                f"the checkpoint of step {step} could not be written into {directory}: {first}. The checkpoints "
+                f"before it are kept; once the cause is fixed (free disk space, say), continue with "
+                f"python -m jaxft.train --resume {directory.parent}") from exc
 
     def save(self, step: int, state: Any, progress: Mapping[str, Any], val_accuracy: float | None = None) -> None:
         ocp = self._ocp
         if step in self.all_steps():
             return  # already saved at this step (an epoch end that is also a save interval)
+        # the progress is written in the background: a copy, so that the caller's later changes
+        # to it (the next epoch's record) cannot reach this checkpoint
+        progress = json.loads(json.dumps(dict(progress)))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                                         progress=ocp.args.JsonSave(dict(progress))),
+                                                         progress=ocp.args.JsonSave(progress)),
                           metrics={"val_accuracy": val_accuracy} if val_accuracy is not None else None)
+        self._writing = step
+
+    def wait(self) -> None:
+        """Until every save so far is on disk (CheckpointError if one could not be written)."""
+        self._finish_writes()
 
     def latest_step(self) -> int | None:
-        self.manager.wait_until_finished()
+        self._finish_writes()
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         """The steps with a checkpoint, once every save so far is on disk."""
-        self.manager.wait_until_finished()
+        self._finish_writes()
         return list(self.manager.all_steps())
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state at ``step`` shaped and sharded like ``like_state``, and its progress."""
         ocp = self._ocp
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)  # each leaf placed as like_state's
-        state_args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args)
-        self.manager.wait_until_finished()
+        self._finish_writes()
         try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)  # each leaf placed as like_state's
+            state_args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args)
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args,
                                                                            progress=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as exc:  # orbax: the saved tree is not this state's
@@ -199,9 +222,12 @@ class RunCheckpoints:
         return restored["state"], dict(restored["progress"])
 
     def progress(self, step: int) -> dict[str, Any]:
-        self.manager.wait_until_finished()
+        self._finish_writes()
         restored = self.manager.restore(step, args=self._ocp.args.Composite(progress=self._ocp.args.JsonRestore()))
         return dict(restored["progress"])
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self._finish_writes()
+        finally:
+            self.manager.close()

@@ -508,6 +508,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                         progress.step_in_epoch -= refused
                         add_to_totals(error.collected)
                         save(iterator_state=pending[error.index][0])
+                        ckpts.wait()  # on disk before this block's signal handling ends
                         raise
                     images = add_to_totals(fetched)
                     now = time.perf_counter()
@@ -571,6 +572,9 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                 stop = stop_requested(interrupt)
                 if stop and epoch + 1 < cfg.epochs:
                     raise StopRequested(stop)
+            # The last save's files are written in the background: waited for here, where a Ctrl-C
+            # or SIGTERM still only sets the flag, so that one cannot cut the run's last checkpoint.
+            ckpts.wait()
     except StopRequested:
         save()  # after a whole step: the iterator is at the next batch
         raise

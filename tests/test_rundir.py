@@ -118,9 +118,9 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
 
 
 def test_an_asynchronous_save_writes_the_state_it_was_given_though_the_next_steps_donate_it(tmp_path):
-    """The train loop saves asynchronously and then runs steps that donate the state's buffers
-    (their results written over them where XLA can): the checkpoint still holds the values at
-    the save, bit for bit, not the later steps'."""
+    """The train loop saves asynchronously, then appends to its history and runs steps that
+    donate the state's buffers (their results written over them where XLA can): each checkpoint
+    still holds the progress and the state of its save, bit for bit, not the later ones."""
     import jax
     import jax.numpy as jnp
 
@@ -128,15 +128,20 @@ def test_an_asynchronous_save_writes_the_state_it_was_given_though_the_next_step
 
     ckpts = RunCheckpoints(tmp_path / "checkpoints")
     assert ckpts.asynchronous
+    small = {"b": np.arange(7, dtype=np.float32)}
+    progress = {"global_step": 1, "history": [{"epoch": 1, "val_accuracy": 0.5}]}
+    ckpts.save(1, small, progress)
+    progress["history"].append({"epoch": 2, "val_accuracy": 0.75})  # the loop's next record, at once
     rng = np.random.default_rng(0)
     saved = {"w": rng.standard_normal((4, 2_000_000), dtype=np.float32), "b": rng.standard_normal(7, dtype=np.float32)}
     state = jax.tree.map(jnp.asarray, saved)
-    ckpts.save(1, state, {"global_step": 1})
+    ckpts.save(2, state, {"global_step": 2})
     step = jax.jit(lambda s: jax.tree.map(lambda x: x * 3.0 + 1.0, s), donate_argnums=0)
     for _ in range(3):
         state = step(state)
-    restored, progress = ckpts.restore(1, saved)
-    assert progress == {"global_step": 1}
+    assert ckpts.progress(1) == {"global_step": 1, "history": [{"epoch": 1, "val_accuracy": 0.5}]}
+    restored, restored_progress = ckpts.restore(2, saved)
+    assert restored_progress == {"global_step": 2}
     for key, value in saved.items():
         np.testing.assert_array_equal(np.asarray(restored[key]), value)
     ckpts.close()

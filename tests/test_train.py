@@ -121,8 +121,9 @@ def test_same_seed_twice_gives_identical_metrics(env, tmp_path):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
-    """Killed at random steps, mid-save and by Ctrl-C, then resumed: the same result, bit for bit,
-    with augmentation on (its draws must resume too)."""
+    """Killed at random steps, mid-save and by Ctrl-C, or stopped by a checkpoint that cannot be
+    written (a full disk), then resumed: the same result, bit for bit, with augmentation on (its
+    draws must resume too)."""
     args = [*FAST, "--augment", "--save-every", "4", "--log-every", "1"]
     reference = tmp_path / "reference"
     result = cli("jaxft.train", *args, "--out", reference, env=env)
@@ -158,6 +159,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(env, tmp_path):
         assert not list((run / "checkpoints").glob("*tmp*")), "a temporary checkpoint was left behind"
         steps = logged_steps(run)
         assert steps == list(range(1, total + 1)), "metrics.jsonl misses or repeats steps after the resume"
+
+    # The disk fills up mid-run: a file-size limit set on the running process once a checkpoint
+    # is on disk, so a later checkpoint's files (tens of MB) cannot be written while metrics.jsonl's
+    # lines still can. Saves are asynchronous: the failure surfaces at the next save.
+    import resource
+    import time
+
+    run = tmp_path / "disk_full"
+    proc = start_training(*args, "--out", run, env=env)
+    while not saved_steps(run):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    _, stderr = proc.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "could not be written into" in last and "File too large" in last and f"--resume {run}" in last, last
+    assert saved_steps(run) and not (run / "summary.json").exists()
+    result = cli("jaxft.train", "--resume", run, "--quiet", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_result(json.loads((run / "summary.json").read_text()), expected)
+    assert logged_steps(run) == list(range(1, total + 1))
 
 
 def test_compare_table(env, tmp_path):
