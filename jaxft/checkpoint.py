@@ -56,22 +56,32 @@ def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping
     """Write ``variables`` and ``meta`` to ``path`` in ``fmt`` (guessed from the suffix)."""
     path = Path(path).resolve()
     fmt = format_for(path, fmt)
-    header = {"format": FORMAT_TAG, "version": 1, **meta}
-    if fmt == "msgpack":
-        path.write_bytes(serialization.msgpack_serialize({"meta": json.dumps(header), "variables": _to_numpy(variables)}))
-    elif fmt == "safetensors":
-        from safetensors.numpy import save_file
-
-        flat = traverse_util.flatten_dict(_to_numpy(variables), sep="/")
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path), metadata={"jaxft": json.dumps(header)})
-    elif fmt == "orbax":
-        import orbax.checkpoint as ocp
-
-        with _this_process_checkpointer() as ckptr:
-            ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables)),
-                                                meta=ocp.args.JsonSave(header)))
-    else:
+    if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    header = {"format": FORMAT_TAG, "version": 1, **meta}
+    try:
+        if fmt == "msgpack":
+            path.write_bytes(serialization.msgpack_serialize({"meta": json.dumps(header),
+                                                              "variables": _to_numpy(variables)}))
+        elif fmt == "safetensors":
+            from safetensors import SafetensorError
+            from safetensors.numpy import save_file
+
+            flat = traverse_util.flatten_dict(_to_numpy(variables), sep="/")
+            try:
+                save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path),
+                          metadata={"jaxft": json.dumps(header)})
+            except SafetensorError as exc:  # its I/O errors are its own type
+                raise OSError(str(exc)) from exc
+        else:
+            import orbax.checkpoint as ocp
+
+            with _this_process_checkpointer() as ckptr:
+                ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables)),
+                                                    meta=ocp.args.JsonSave(header)))
+    except (OSError, ValueError) as exc:  # a full disk, a file size limit (orbax reports these as ValueError)
+        first = str(exc).strip().splitlines()[0][:1000] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} could not be written: {first}") from exc
     return path
 
 

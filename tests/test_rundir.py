@@ -147,6 +147,24 @@ def test_an_asynchronous_save_writes_the_state_it_was_given_though_the_next_step
     ckpts.close()
 
 
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack", "safetensors"])
+def test_variables_that_cannot_be_written_are_a_clear_error(tmp_path, fmt):
+    """best/ and exported variables on a full disk (a file size limit here): a CheckpointError
+    naming the path and the OS error, not the writer's own exception."""
+    import resource
+
+    from jaxft.checkpoint import CheckpointError
+
+    variables = {"params": {"w": np.random.default_rng(0).standard_normal(2_000_000, dtype=np.float32)}}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # 1 MB: the 8 MB array cannot be written
+    try:
+        with pytest.raises(CheckpointError, match=r"best\.1\.tmp.* could not be written: .*(File too large|Errno 27)"):
+            save_variables(tmp_path / "best.1.tmp", variables, {"arch": "resnet18"}, fmt)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_a_damaged_run_config_is_a_clear_error(tmp_path):
     from jaxft.rundir import read_run_config
 
