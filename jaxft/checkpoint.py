@@ -178,16 +178,17 @@ class RunCheckpoints:
     def _finish_writes(self) -> None:
         """Wait for the save in flight. A write that failed in the background (a full disk, a
         file size limit) becomes a CheckpointError that names the step, the folder and what to do."""
-        step, self._writing = self._writing, None
         try:
             self.manager.wait_until_finished()
         except Exception as exc:  # noqa: BLE001 - whatever the writer raised, the save is lost
+            step, self._writing = self._writing, None
             first = str(exc).strip().splitlines()[0][:1000] if str(exc).strip() else type(exc).__name__
             directory = Path(self.manager.directory)
             raise CheckpointError(
                 f"the checkpoint of step {step} could not be written into {directory}: {first}. The checkpoints "
                 f"before it are kept; once the cause is fixed (free disk space, say), continue with "
                 f"python -m jaxft.train --resume {directory.parent}") from exc
+        self._writing = None  # only once the wait returned: after a Ctrl-C in it, the next wait names that save
 
     def save(self, step: int, state: Any, progress: Mapping[str, Any], val_accuracy: float | None = None) -> None:
         ocp = self._ocp
