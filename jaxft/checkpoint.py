@@ -24,6 +24,17 @@ class CheckpointError(ValueError):
     """A file or directory that is not a readable jaxft variables checkpoint."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint or variables file that could not be written (a full disk, say); what was
+    written before it is kept."""
+
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    """An exception's first line, at most ``limit`` characters (its type's name when it has no text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def format_for(path: Path, requested: str | None = None) -> str:
     if requested:
         return requested
@@ -80,8 +91,7 @@ def save_variables(path: str | Path, variables: Mapping[str, Any], meta: Mapping
                 ckptr.save(path, ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables)),
                                                     meta=ocp.args.JsonSave(header)))
     except (OSError, ValueError) as exc:  # a full disk, a file size limit (orbax reports these as ValueError)
-        first = str(exc).strip().splitlines()[0][:1000] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} could not be written: {first}") from exc
+        raise CheckpointWriteError(f"{path} could not be written: {_first_line(exc, 1000)}") from exc
     return path
 
 
@@ -177,17 +187,13 @@ class RunCheckpoints:
 
     def _finish_writes(self) -> None:
         """Wait for the save in flight. A write that failed in the background (a full disk, a
-        file size limit) becomes a CheckpointError that names the step, the folder and what to do."""
+        file size limit) becomes a CheckpointWriteError that names the step and the folder."""
         try:
             self.manager.wait_until_finished()
         except Exception as exc:  # noqa: BLE001 - whatever the writer raised, the save is lost
             step, self._writing = self._writing, None
-            first = str(exc).strip().splitlines()[0][:1000] if str(exc).strip() else type(exc).__name__
-            directory = Path(self.manager.directory)
-            raise CheckpointError(
-                f"the checkpoint of step {step} could not be written into {directory}: {first}. The checkpoints "
-                f"before it are kept; once the cause is fixed (free disk space, say), continue with "
-                f"python -m jaxft.train --resume {directory.parent}") from exc
+            raise CheckpointWriteError(f"the checkpoint of step {step} could not be written into "
+                                       f"{self.manager.directory}: {_first_line(exc, 1000)}") from exc
         self._writing = None  # only once the wait returned: after a Ctrl-C in it, the next wait names that save
 
     def save(self, step: int, state: Any, progress: Mapping[str, Any], val_accuracy: float | None = None) -> None:
@@ -226,7 +232,7 @@ class RunCheckpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args,
                                                                            progress=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as exc:  # orbax: the saved tree is not this state's
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = _first_line(exc, 300)
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.manager.directory} does not fit this run's training state "
                 f"(written by another jaxft version, or its files were changed): {first}") from exc

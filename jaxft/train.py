@@ -409,7 +409,7 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
     rows of every batch), and ``files`` writes on process 0 only."""
     from tqdm import tqdm
 
-    from jaxft.checkpoint import CheckpointError, RunCheckpoints, save_variables
+    from jaxft.checkpoint import RunCheckpoints, save_variables
     from jaxft.data.pipeline import close_iterator, start_workers
     from jaxft.distributed import is_multihost, largest_of_processes
     from jaxft.engine import NonFiniteLossError, StepStats
@@ -559,14 +559,8 @@ def fit(parts: RunParts, cfg: TrainConfig, files: RunWriter, resume: bool, log: 
                 stats = evaluation.stats
                 improved = stats.accuracy > progress.best()[1]
                 if improved:
-                    try:
-                        files.best(lambda directory: save_variables(
-                            directory, parts.full_variables(engine.state.variables), model_meta))
-                    except CheckpointError as error:  # a full disk, say: best/ keeps its last copy
-                        raise CheckpointError(
-                            f"the best model so far could not be saved: {error}. The checkpoints so far are "
-                            f"kept; once the cause is fixed, continue with python -m jaxft.train --resume {run_dir}"
-                        ) from error
+                    files.best(lambda directory: save_variables(
+                        directory, parts.full_variables(engine.state.variables), model_meta))
                     best_val = evaluation
                 record_epoch({"epoch": epoch + 1, "train_loss": running.loss, "train_accuracy": running.accuracy,
                               "val_loss": stats.loss, "val_accuracy": stats.accuracy,
@@ -795,8 +789,13 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, multi
             exit_now(130)
         return 128 + exc.signum if saved_now else 130
     except user_errors() as exc:
+        from jaxft.checkpoint import CheckpointWriteError
+
         remove_if_untrained(created)
-        print(f"{parser.prog}: error: {who}{exc}", file=sys.stderr)
+        resume = (f". The checkpoints before it are kept; once the cause is fixed (free disk space, say), continue "
+                  f"with python -m jaxft.train --resume {run_dir}"
+                  if isinstance(exc, CheckpointWriteError) and run_dir is not None else "")
+        print(f"{parser.prog}: error: {who}{exc}{resume}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteLossError: the last good state is checkpointed
         print(f"{parser.prog}: error: {who}{exc} It is saved; to continue with a lower learning rate: "
